@@ -1,0 +1,121 @@
+"""The torch.compile backend and ``explain``.
+
+    gm (Dynamo graph) -> engine.rewrite (passes) -> Inductor's compile_fx -> compiled fn
+
+Inductor does the rest as for plain torch.compile: AOTAutograd with its min-cut
+partitioner, then Triton (GPU) or C++ (CPU) kernels, including for the chunk bodies.
+If anything fails after a rewrite, the backend restores the unchanged graph, logs why,
+and compiles that: an unsupported graph never breaks torch.compile.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch._dynamo.utils import counters
+
+from mst_fx import engine
+from mst_fx.config import MSTConfig
+from mst_fx.report import Report, Skipped
+
+log = logging.getLogger("mst_fx.backend")
+
+# Inductor (2.11 to 2.13) does not know that an invoke_subgraph output can alias one of its
+# inputs. A chunk body under checkpointing returns its chunk input as the value saved for
+# backward, so reusing the chunk's source buffer for a later result corrupts what backward
+# reads (wrong gradients, seen in tests/test_mlp.py). Buffers are still freed at last use.
+REWRITE_INDUCTOR_CONFIG = {"allow_buffer_reuse": False}
+
+
+class MSTBackend:
+    """A torch.compile backend for one MSTConfig. ``reports`` holds one Report per graph
+    compiled, in order (a model with graph breaks gives several)."""
+
+    def __init__(self, config: MSTConfig | None = None):
+        self.config = config if config is not None else MSTConfig()
+        self.reports: list[Report] = []
+
+    def __call__(self, gm: torch.fx.GraphModule, example_inputs):
+        from torch._inductor.compile_fx import compile_fx
+
+        saved = engine.snapshot(gm)
+        try:
+            report = engine.rewrite(gm, self.config)
+        except Exception as e:  # noqa: BLE001 - a pass bug must not break the user's compile
+            log.warning("mst_fx: rewrite failed, compiling the graph unchanged: %r", e)
+            engine.restore(saved)
+            report = engine_failure(gm, self.config, f"rewrite failed: {e!r}")
+        self.reports.append(report)
+        applied = [r for r in report.regions if r.applied]
+        if not applied:
+            return compile_fx(gm, example_inputs)
+        try:
+            compiled = compile_fx(gm, example_inputs, config_patches=REWRITE_INDUCTOR_CONFIG)
+        except Exception as e:  # noqa: BLE001
+            log.warning("mst_fx: Inductor failed on the rewritten graph, compiling it unchanged: %r", e)
+            engine.restore(saved)
+            for r in applied:
+                r.applied = False
+                report.skipped.append(Skipped(r.kind, r.where, f"Inductor failed on the rewrite: {e!r}"))
+            return compile_fx(gm, example_inputs)
+        for r in applied:
+            counters["mst_fx"][r.kind] += 1
+        log.debug("mst_fx: %s", report)
+        return compiled
+
+    @property
+    def report(self) -> Report:
+        """All graphs' reports in one."""
+        total = Report()
+        for r in self.reports:
+            total.extend(r)
+        return total
+
+
+def engine_failure(gm, config: MSTConfig, reason: str) -> Report:
+    """The detection report of an unchanged graph, every region turned into a skip."""
+    report = Report()
+    try:
+        for _, found in engine.detect(gm, config):
+            report.skipped += found.skipped
+            report.skipped += [Skipped(r.kind, r.where, reason) for r in found.regions]
+    except Exception as e:  # noqa: BLE001
+        report.skipped.append(Skipped("*", "?", f"detection failed: {e!r}"))
+    return report
+
+
+def make_backend(config: MSTConfig | None = None, **overrides) -> MSTBackend:
+    """A backend for ``config`` with some fields overridden.
+
+    Example:
+        >>> backend = make_backend(chunks=8)
+        >>> compiled = torch.compile(model, backend=backend)
+    """
+    config = config if config is not None else MSTConfig()
+    return MSTBackend(config.replace(**overrides) if overrides else config)
+
+
+def mst_backend(gm: torch.fx.GraphModule, example_inputs):
+    """The backend with the default MSTConfig: ``torch.compile(model, backend=mst_backend)``."""
+    return MSTBackend()(gm, example_inputs)
+
+
+def explain(model_or_fn, *args, config: MSTConfig | None = None, **kwargs) -> Report:
+    """Capture ``model_or_fn(*args, **kwargs)`` with Dynamo and report what mst_fx would
+    chunk and what it would leave, and why. Runs the forward once, eagerly; nothing is
+    compiled by Inductor and nothing is rewritten.
+
+    Example:
+        >>> print(explain(model, input_ids, labels=labels, config=MSTConfig(chunks=4)))
+    """
+    config = config if config is not None else MSTConfig()
+    report = Report()
+
+    def capture(gm, example_inputs):
+        for _, found in engine.detect(gm, config):
+            report.extend(found)
+        return gm.forward
+
+    torch.compile(model_or_fn, backend=capture)(*args, **kwargs)
+    return report

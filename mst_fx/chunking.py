@@ -1,0 +1,123 @@
+"""The rewrite engine: turn a detected token-wise region into a loop over mini-sequences.
+
+Mechanism (measured choices, see README "Design"):
+- The region's nodes are copied into a *body* GraphModule that takes one chunk of tokens
+  ``[n, d]`` plus the region's other inputs (weights, biases) whole.
+- The body is wrapped in ``tag_activation_checkpoint``, so autograd keeps only the body's
+  inputs and recomputes its intermediates in backward. Inside a region that is itself under
+  activation checkpointing the wrap is left out: the outer recompute already re-runs the
+  chunk right before its backward, and a second wrap would add a third forward.
+- Each chunk runs through ``invoke_subgraph``: a fusion and scheduling barrier, so Inductor
+  compiles the body once (per chunk shape) and cannot merge the chunks back into one
+  full-size computation.
+- Chunks come from ``tensor_split`` over the flattened tokens (sizes differ by at most 1,
+  so any token count works) and go back together with ``cat``. Each chunk output is
+  multiplied by 1.0 so that every chunk's incoming gradient is a fresh tensor with the
+  same metadata, and one backward body serves all chunks.
+"""
+
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass
+
+import torch
+from torch.fx import Graph, GraphModule, Node
+from torch.fx.node import map_arg
+
+from mst_fx.tokenwise import chunk_call, classify, value
+
+
+@dataclass
+class Body:
+    """A chunk body ready to be emitted: the module, what it is fed, and its name."""
+
+    module: GraphModule
+    externals: list[Node]  # graph values passed whole to every chunk, after the chunk itself
+    key: str  # equal keys mean interchangeable bodies (one compiled subgraph)
+
+
+def build_body(owner: GraphModule, nodes: list[Node], data: Node, end: Node,
+               checkpoint: bool) -> Body:
+    """Copy ``nodes`` (in graph order, ``end`` last) into a body over one chunk of ``data``."""
+    region = set(nodes)
+    calls = [(n, chunk_call(n, classify(n))) for n in nodes]
+    externals: list[Node] = []
+
+    def collect(a: Node) -> Node:
+        if a is not data and a not in region and a not in externals:
+            externals.append(a)
+        return a
+
+    for n, call in calls:
+        # A view that only regroups tokens is the identity on a [n, d] chunk (call None).
+        map_arg(n.args[0] if call is None else (call[2], call[3]), collect)
+
+    inner = Graph()
+    env: dict[Node, Node] = {data: inner.placeholder("chunk")}
+    for i, e in enumerate(externals):
+        env[e] = inner.placeholder(f"ext_{i}")
+    for n, call in calls:
+        if call is None:
+            env[n] = env[n.args[0]]
+            continue
+        op, target, args, kwargs = call
+        env[n] = inner.create_node(op, target, map_arg(args, env.__getitem__),
+                                   map_arg(kwargs, env.__getitem__), name=n.name)
+    inner.output((env[end],))
+    wrapped = GraphModule(owner, inner)
+
+    module = _checkpointed(wrapped, len(externals) + 1) if checkpoint else wrapped
+    shapes = [tuple(value(e).shape) if value(e) is not None else repr(e) for e in externals]
+    key = f"{wrapped.code}|{checkpoint}|{shapes}|{_dtypes(externals)}"
+    return Body(module, externals, key)
+
+
+def emit_chunk_loop(owner: GraphModule, data: Node, end: Node, bodies: list[tuple[Body, str, str]],
+                    width: int) -> Node:
+    """Insert, before ``end``, the loop that computes ``end``'s value; returns the new node.
+
+    ``bodies`` has one entry per chunk: (body, attribute name, invoke_subgraph identifier).
+    Interchangeable bodies share a name, so Inductor compiles them once.
+    """
+    g = owner.graph
+    out_shape = tuple(value(end).shape)
+    with g.inserting_before(end):
+        flat = g.call_method("reshape", (data, (-1, width)))
+        parts = g.call_function(torch.tensor_split, (flat, len(bodies)))
+        outs = []
+        for i, (body, attr, ident) in enumerate(bodies):
+            if not hasattr(owner, attr):
+                owner.add_submodule(attr, body.module)
+            piece = g.call_function(operator.getitem, (parts, i))
+            call = g.call_function(torch.ops.higher_order.invoke_subgraph,
+                                   (g.get_attr(attr), ident, piece, *body.externals))
+            y = g.call_function(operator.getitem, (call, 0))
+            outs.append(g.call_function(operator.mul, (y, 1.0)))
+        joined = g.call_function(torch.cat, (outs,))
+        result = g.call_method("reshape", (joined, out_shape))
+    result.meta["example_value"] = end.meta.get("example_value")
+    return result
+
+
+def chunk_rows(tokens: int, chunks: int) -> list[int]:
+    """Row counts of ``tensor_split(tokens, chunks)``: the first ``tokens % chunks`` get one more."""
+    q, r = divmod(tokens, chunks)
+    return [q + 1] * r + [q] * (chunks - r)
+
+
+def _checkpointed(inner: GraphModule, n_inputs: int) -> GraphModule:
+    """A module calling ``inner`` under activation checkpointing (what Dynamo emits for
+    ``torch.utils.checkpoint.checkpoint(fn, ..., use_reentrant=False)``)."""
+    g = Graph()
+    args = [g.placeholder(f"arg_{i}") for i in range(n_inputs)]
+    out = g.call_function(torch.ops.higher_order.tag_activation_checkpoint,
+                          (g.get_attr("body"), *args), {"use_reentrant": False})
+    g.output((g.call_function(operator.getitem, (out, 0)),))
+    root = torch.nn.Module()
+    root.body = inner
+    return GraphModule(root, g)
+
+
+def _dtypes(nodes: list[Node]) -> list[str]:
+    return [str(value(n).dtype) if value(n) is not None else "-" for n in nodes]

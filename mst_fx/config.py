@@ -1,0 +1,77 @@
+"""MSTConfig: the one knob-set every pass reads.
+
+A frozen dataclass, validated at construction so that a bad value fails where the user
+wrote it (ValueError naming the field), never later inside torch.compile.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+# Names of the passes that exist; the registry in mst_fx.passes must match these.
+KNOWN_PASSES = ("mlp",)
+
+
+@dataclass(frozen=True)
+class MSTConfig:
+    """How mst_fx rewrites a graph.
+
+    Args:
+        passes: which graph passes run, by name (see ``mst_fx.passes.PASSES``).
+        chunks: a fixed number of mini-sequences M for every region. ``None``: choose M
+            per region (see ``chunk_bytes``).
+        chunk_bytes: when ``chunks`` is None and this is set, M is chosen so that one
+            chunk's intermediates take about this many bytes. When both are None, M follows
+            MsT: the widths of the block's expanding projections over its input width
+            (about intermediate / hidden), so a chunk's intermediates are about the size of
+            the block's input.
+        min_chunk_tokens: floor on tokens per chunk so that the chunk GEMMs stay efficient;
+            M is lowered until every chunk has at least this many tokens. A region that
+            cannot get two chunks is left unchanged (and says so in ``explain``).
+        max_chunks: ceiling on M.
+        min_expansion: a projection opens a block when out_features >= this x in_features.
+
+    Example:
+        >>> MSTConfig(chunks=8).chunks
+        8
+    """
+
+    passes: tuple[str, ...] = ("mlp",)
+    chunks: int | None = None
+    chunk_bytes: int | None = None
+    min_chunk_tokens: int = 1024
+    max_chunks: int = 64
+    min_expansion: float = 2.0
+
+    def __post_init__(self) -> None:
+        if isinstance(self.passes, str) or not isinstance(self.passes, (tuple, list)):
+            raise ValueError(f"MSTConfig.passes must be a tuple of pass names, got {self.passes!r}")
+        object.__setattr__(self, "passes", tuple(self.passes))
+        unknown = [p for p in self.passes if p not in KNOWN_PASSES]
+        if unknown:
+            raise ValueError(f"MSTConfig.passes: unknown pass {unknown}; known: {KNOWN_PASSES}")
+        _check_int("chunks", self.chunks, minimum=1, optional=True)
+        _check_int("chunk_bytes", self.chunk_bytes, minimum=1, optional=True)
+        if self.chunks is not None and self.chunk_bytes is not None:
+            raise ValueError("MSTConfig.chunks and MSTConfig.chunk_bytes are exclusive; set one")
+        _check_int("min_chunk_tokens", self.min_chunk_tokens, minimum=1)
+        _check_int("max_chunks", self.max_chunks, minimum=1)
+        if not isinstance(self.min_expansion, (int, float)) or isinstance(self.min_expansion, bool) \
+                or not self.min_expansion > 1:
+            raise ValueError(f"MSTConfig.min_expansion must be a number > 1, got {self.min_expansion!r}")
+
+    def replace(self, **overrides) -> "MSTConfig":
+        """A copy with some fields changed (validated again); unknown names raise ValueError."""
+        names = {f.name for f in dataclasses.fields(self)}
+        bad = sorted(set(overrides) - names)
+        if bad:
+            raise ValueError(f"MSTConfig has no field {bad}; fields: {sorted(names)}")
+        return dataclasses.replace(self, **overrides)
+
+
+def _check_int(name: str, value, *, minimum: int, optional: bool = False) -> None:
+    if value is None and optional:
+        return
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        raise ValueError(f"MSTConfig.{name} must be an int >= {minimum}, got {value!r}")

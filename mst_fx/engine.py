@@ -1,0 +1,116 @@
+"""Run the configured passes over a Dynamo graph: detect everywhere, then rewrite.
+
+A Dynamo graph may hold activation-checkpointed regions as ``tag_activation_checkpoint``
+calls whose bodies are submodules; blocks inside them are found too, and marked so that
+the rewrite does not recompute them a second time (see mst_fx.chunking).
+
+``snapshot``/``restore`` keep the original graphs so that the backend can fall back to the
+unchanged graph if anything goes wrong after a rewrite.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+
+import torch
+from torch.fx import Graph, GraphModule, Node
+
+from mst_fx.config import MSTConfig
+from mst_fx.report import Report
+
+log = logging.getLogger("mst_fx.engine")
+
+CHECKPOINT = torch.ops.higher_order.tag_activation_checkpoint
+
+
+def graph_modules(gm: GraphModule) -> list[tuple[GraphModule, bool]]:
+    """``gm`` and the bodies of its activation-checkpointed regions, each once, with a flag
+    saying whether the module runs under activation checkpointing."""
+    found: list[tuple[GraphModule, bool]] = []
+    seen: set[int] = set()
+
+    def visit(mod: GraphModule, checkpointed: bool) -> None:
+        if id(mod) in seen:
+            return
+        seen.add(id(mod))
+        found.append((mod, checkpointed))
+        for n in mod.graph.nodes:
+            if n.op == "call_function" and n.target is CHECKPOINT and n.args[0].op == "get_attr":
+                body = getattr(mod, n.args[0].target)
+                if isinstance(body, GraphModule):
+                    visit(body, True)
+
+    visit(gm, False)
+    return found
+
+
+def detect(gm: GraphModule, config: MSTConfig) -> list[tuple[GraphModule, Report]]:
+    """Detection only: one Report per graph module, the graph untouched."""
+    from mst_fx.passes import PASSES
+
+    out = []
+    for mod, checkpointed in graph_modules(gm):
+        report = Report()
+        for name in config.passes:
+            report.extend(PASSES[name].detect(mod, config, checkpointed, module_path))
+        out.append((mod, report))
+    return out
+
+
+def rewrite(gm: GraphModule, config: MSTConfig) -> Report:
+    """Detect and apply every region; returns the combined Report (regions marked applied)."""
+    from mst_fx.passes import PASSES
+
+    total = Report()
+    names: dict[str, tuple[str, str]] = {}
+    for mod, report in detect(gm, config):
+        for region in report.regions:
+            PASSES[region.kind].rewrite(mod, region, names)
+            region.applied = True
+        if report.regions:
+            mod.graph.lint()
+            mod.recompile()
+        total.extend(report)
+    return total
+
+
+def snapshot(gm: GraphModule) -> list[tuple[GraphModule, Graph]]:
+    saved = []
+    for mod, _ in graph_modules(gm):
+        g = Graph()
+        g.output(g.graph_copy(mod.graph, {}))
+        saved.append((mod, g))
+    return saved
+
+
+def restore(saved: list[tuple[GraphModule, Graph]]) -> None:
+    for mod, g in saved:
+        mod.graph = g
+        mod.recompile()
+
+
+def module_path(nodes: list[Node]) -> str:
+    """The deepest module that holds all ``nodes``, from Dynamo's nn_module_stack, written
+    as in ``model.named_modules()`` ("model.layers.0.mlp"); "?" when unknown."""
+    paths = []
+    for n in nodes:
+        stack = n.meta.get("nn_module_stack")
+        if stack:
+            paths.append(_clean(list(stack.values())[-1][0]).split("."))
+    if not paths:
+        return "?"
+    common = paths[0]
+    for p in paths[1:]:
+        k = 0
+        while k < min(len(common), len(p)) and common[k] == p[k]:
+            k += 1
+        common = common[:k]
+    return ".".join(common) or "<root>"
+
+
+def _clean(path: str) -> str:
+    path = re.sub(r"^L\['[^']*'\]\.?", "", path)
+    path = re.sub(r"\[(\d+)\]", r".\1", path)
+    path = re.sub(r"\['([^']*)'\]", r".\1", path)
+    return path.lstrip(".")

@@ -1,0 +1,72 @@
+"""What the passes found: rewritten regions, skipped candidates, and the printed table.
+
+Detection produces these records; rewriting only consumes them. ``explain()`` returns a
+Report, and the backend keeps the Report of every graph it compiled.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass
+class Region:
+    """One block a pass can rewrite (or did rewrite).
+
+    ``kind`` is the pass name ("mlp"; later "lm_head", "attention"); ``where`` the module
+    path when the graph knows it; ``tokens`` the flattened leading dims; ``chunks`` the
+    number of mini-sequences; ``bytes_saved`` an estimate of the activation bytes that are
+    no longer held for backward; ``detail`` a short shape summary. ``plan`` carries the
+    pass's private data from detection to rewriting and is not printed.
+    """
+
+    kind: str
+    where: str
+    tokens: int
+    chunks: int
+    bytes_saved: int
+    detail: str = ""
+    applied: bool = False
+    plan: Any = field(default=None, repr=False, compare=False)
+
+
+@dataclass
+class Skipped:
+    """A candidate a pass looked at and left unchanged, with the reason."""
+
+    kind: str
+    where: str
+    reason: str
+
+
+@dataclass
+class Report:
+    regions: list[Region] = field(default_factory=list)
+    skipped: list[Skipped] = field(default_factory=list)
+
+    def extend(self, other: "Report") -> None:
+        self.regions.extend(other.regions)
+        self.skipped.extend(other.skipped)
+
+    def __str__(self) -> str:
+        lines = [f"mst_fx: {len(self.regions)} region(s) to chunk, {len(self.skipped)} skipped"]
+        if self.regions:
+            rows = [("kind", "where", "tokens", "chunks", "est. saved", "shapes")]
+            rows += [(r.kind, r.where, str(r.tokens), str(r.chunks), _mib(r.bytes_saved), r.detail)
+                     for r in self.regions]
+            lines += _table(rows)
+        if self.skipped:
+            lines.append("skipped:")
+            rows = [("kind", "where", "reason")] + [(s.kind, s.where, s.reason) for s in self.skipped]
+            lines += _table(rows)
+        return "\n".join(lines)
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB"
+
+
+def _table(rows: list[tuple[str, ...]]) -> list[str]:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return ["  " + "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]

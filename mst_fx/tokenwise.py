@@ -1,0 +1,219 @@
+"""Which torch-level FX nodes act on every token independently, and how to run them on a chunk.
+
+Dynamo hands the backend a graph of torch-level calls (``torch._C._nn.linear``,
+``torch.nn.functional.silu``, ``operator.mul``, tensor methods such as ``x.float()``).
+A node is *token-wise* when row t of its output depends only on row t of its token inputs;
+"tokens" are all leading dims of a tensor flattened, the last dim is the feature dim.
+
+``classify`` says what a node is (a projection, a pointwise op, a split of the feature dim,
+a view that only regroups tokens, ...) or returns None. ``chunk_call`` gives the call to
+emit for the same node inside a chunk body, where every token tensor is 2-D ``[n, d]``:
+dims become -1, views that regroup tokens become the identity.
+
+Shapes come from ``node.meta["example_value"]`` (fake tensors recorded by Dynamo).
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch.fx import Node
+
+POINTWISE_FUNCTIONS = {
+    F.silu, F.gelu, F.relu, F.relu6, F.leaky_relu, F.elu, F.selu, F.celu, F.mish,
+    F.softplus, F.hardswish, F.hardsigmoid, F.hardtanh, F.sigmoid, F.tanh,
+    torch._C._nn.gelu, torch._C._nn.silu, torch.sigmoid, torch.tanh, torch.relu, torch.exp,
+    torch.square, torch.sqrt, torch.rsqrt, torch.pow, torch.abs, torch.neg, torch.erf,
+    torch.clamp, torch.mul, torch.add, torch.sub, torch.div, torch.where,
+    operator.mul, operator.add, operator.sub, operator.truediv, operator.pow, operator.neg,
+}
+POINTWISE_METHODS = {
+    "float", "half", "bfloat16", "double", "to", "mul", "add", "sub", "div", "pow",
+    "sigmoid", "tanh", "relu", "exp", "neg", "clamp", "square", "sqrt", "rsqrt", "abs",
+    "contiguous", "erf", "silu",
+}
+DROPOUT_FUNCTIONS = {F.dropout, torch.dropout}
+LINEAR_FUNCTIONS = {torch._C._nn.linear, F.linear}
+MATMUL_FUNCTIONS = {torch.matmul, operator.matmul}
+VIEW_METHODS = {"view", "reshape", "flatten"}
+VIEW_FUNCTIONS = {torch.reshape, torch.flatten}
+SPLIT_METHODS = {"chunk", "split", "tensor_split"}
+SPLIT_FUNCTIONS = {torch.chunk, torch.split, torch.tensor_split}
+
+
+@dataclass(frozen=True)
+class OpInfo:
+    """What a node is, for chunking purposes.
+
+    kind: "linear" (a projection of ``data`` by a weight: in_width -> out_width),
+    "pointwise", "dropout", "split" (splits the feature dim into a tuple), "item" (takes
+    one part of a split), "slice" (indexes the feature dim), "view" (regroups tokens,
+    feature dim unchanged), "type_as" (dtype cast to another tensor's dtype).
+    """
+
+    kind: str
+    data: Node | None = None  # the token input of a projection
+    in_width: int = 0
+    out_width: int = 0
+
+
+def value(node) -> torch.Tensor | None:
+    """The fake tensor Dynamo recorded for a node, or None."""
+    if not isinstance(node, Node):
+        return None
+    v = node.meta.get("example_value")
+    return v if isinstance(v, torch.Tensor) else None
+
+
+def static_shape(t: torch.Tensor) -> tuple[int, ...] | None:
+    """The shape as ints, or None when any dim is symbolic."""
+    try:
+        return tuple(int(s) for s in t.shape) if all(isinstance(s, int) for s in t.shape) else None
+    except Exception:  # noqa: BLE001 - symbolic ints refuse int() without a hint
+        return None
+
+
+def classify(node: Node) -> OpInfo | None:
+    """Describe ``node`` if it is token-wise, else None. Shapes are checked by the caller."""
+    if node.op == "call_function":
+        t = node.target
+        if t in LINEAR_FUNCTIONS:
+            w = node.args[1] if len(node.args) > 1 else node.kwargs.get("weight")
+            wv = value(w)
+            if wv is not None and wv.dim() == 2:
+                return OpInfo("linear", node.args[0], int(wv.shape[1]), int(wv.shape[0]))
+            return None
+        if t in MATMUL_FUNCTIONS:
+            wv = value(node.args[1])
+            if wv is not None and wv.dim() == 2:
+                return OpInfo("linear", node.args[0], int(wv.shape[0]), int(wv.shape[1]))
+            return None
+        if t is torch.addmm:  # HF Conv1D: addmm(bias, x.view(-1, nx), weight)
+            wv = value(node.args[2])
+            if wv is not None and wv.dim() == 2 and set(node.kwargs) <= {"beta", "alpha"}:
+                return OpInfo("linear", node.args[1], int(wv.shape[0]), int(wv.shape[1]))
+            return None
+        if t in POINTWISE_FUNCTIONS:
+            return OpInfo("pointwise")
+        if t in DROPOUT_FUNCTIONS:
+            return OpInfo("dropout")
+        if t in SPLIT_FUNCTIONS:
+            return OpInfo("split")
+        if t in VIEW_FUNCTIONS:
+            return OpInfo("view")
+        if t is operator.getitem:
+            if isinstance(node.args[1], int) and value(node.args[0]) is None:
+                return OpInfo("item")  # one part of a split
+            return OpInfo("slice")
+        if t is torch.narrow:
+            return OpInfo("slice")
+        return None
+    if node.op == "call_method":
+        m = node.target
+        if m in POINTWISE_METHODS:
+            return OpInfo("pointwise")
+        if m == "type_as":
+            return OpInfo("type_as")
+        if m in VIEW_METHODS:
+            return OpInfo("view")
+        if m in SPLIT_METHODS:
+            return OpInfo("split")
+        if m == "narrow":
+            return OpInfo("slice")
+        return None
+    return None
+
+
+def last_dim_only(node: Node, info: OpInfo) -> str | None:
+    """For split/slice/dropout nodes: None when the op touches only the feature dim, else why not."""
+    src = value(node.args[0])
+    if info.kind == "dropout":
+        p = _arg(node, 1, "p", 0.5)
+        training = _arg(node, 2, "training", True)
+        if training and p != 0:
+            return f"dropout p={p} in training: the recomputed chunk would draw a different mask"
+        return None
+    if info.kind == "split":
+        dim = _arg(node, 2, "dim", 0)
+        return None if _is_last(dim, src) else f"{_name(node)} splits dim {dim}, not the feature dim"
+    if info.kind == "slice":
+        if node.target in (torch.narrow, "narrow"):
+            dim = _arg(node, 1, "dim", 0)
+            return None if _is_last(dim, src) else f"narrow over dim {dim}, not the feature dim"
+        return None if _feature_index(node.args[1], src.dim()) is not None else \
+            f"indexing {node.args[1]!r} touches token dims"
+    return None
+
+
+def chunk_call(node: Node, info: OpInfo):
+    """(op, target, args, kwargs) to emit for ``node`` in a 2-D chunk body; args still hold
+    the original Nodes (the caller maps them). ``None`` means: the identity of args[0]."""
+    if info.kind == "view":
+        return None
+    if info.kind == "type_as":
+        return ("call_method", "to", (node.args[0], value(node.args[1]).dtype), {})
+    if info.kind == "split":
+        args, kwargs = list(node.args), dict(node.kwargs)
+        if "dim" in kwargs:
+            kwargs["dim"] = -1
+        elif len(args) > 2:
+            args[2] = -1
+        else:
+            kwargs["dim"] = -1
+        return (node.op, node.target, tuple(args), kwargs)
+    if info.kind == "slice":
+        if node.target in (torch.narrow, "narrow"):
+            args, kwargs = list(node.args), dict(node.kwargs)
+            if "dim" in kwargs:
+                kwargs["dim"] = -1
+            else:
+                args[1] = -1
+            return (node.op, node.target, tuple(args), kwargs)
+        index = _feature_index(node.args[1], value(node.args[0]).dim())
+        return (node.op, node.target, (node.args[0], (Ellipsis, index)), {})
+    return (node.op, node.target, node.args, node.kwargs)
+
+
+def _arg(node: Node, pos: int, name: str, default):
+    """An argument of a torch call or tensor method (methods count self as args[0])."""
+    if name in node.kwargs:
+        return node.kwargs[name]
+    return node.args[pos] if len(node.args) > pos else default
+
+
+def _is_last(dim, src: torch.Tensor | None) -> bool:
+    return src is not None and isinstance(dim, int) and dim in (-1, src.dim() - 1)
+
+
+def _feature_index(index, ndim: int):
+    """For ``x[index]``: the slice applied to the feature dim when every token dim is taken
+    whole (``x[..., a:b]``, ``x[:, :, a:b]``), else None."""
+    parts = index if isinstance(index, tuple) else (index,)
+    if any(p is None or isinstance(p, (Node, torch.Tensor, list)) for p in parts):
+        return None
+    if Ellipsis in parts:
+        i = parts.index(Ellipsis)
+        parts = parts[:i] + (slice(None),) * (ndim - len(parts) + 1) + parts[i + 1:]
+    parts = parts + (slice(None),) * (ndim - len(parts))
+    if len(parts) != ndim or not isinstance(parts[-1], slice):
+        return None
+    if any(p != slice(None) for p in parts[:-1]):
+        return None
+    return parts[-1]
+
+
+def _name(node: Node) -> str:
+    return node.target if isinstance(node.target, str) else getattr(node.target, "__name__", str(node.target))
+
+
+def op_name(node: Node) -> str:
+    """A short readable name for reasons in reports."""
+    return f"{node.name} ({_name(node)})"
+
+
+def numel(shape: tuple[int, ...]) -> int:
+    return math.prod(shape)

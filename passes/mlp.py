@@ -1,0 +1,196 @@
+"""MLP pass: find token-wise MLP blocks and run them over mini-sequences of tokens.
+
+Detection (structural, no model classes): an *expanding* projection (linear, matmul,
+addmm as in HF Conv1D; out_features >= min_expansion x in_features) opens a block; every
+expanding projection of the same input joins it (gate and up of a GLU). The block grows
+forward through token-wise ops (activations, gating products, bias adds, casts, splits of
+the feature dim, views that only regroup tokens, p=0 dropout) and ends at the one
+*contracting* projection. Anything else reached on the way (an op that mixes tokens, an
+intermediate also used outside the block, a second token-shaped input, a random op, a
+symbolic token count) leaves the block unchanged with that reason.
+
+Rewriting hands the block to the engine (mst_fx.chunking): a body over one chunk of
+tokens, recomputed in backward, called once per chunk through invoke_subgraph.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from torch.fx import GraphModule, Node
+
+from mst_fx.chunking import Body, build_body, chunk_rows, emit_chunk_loop
+from mst_fx.config import MSTConfig
+from mst_fx.report import Region, Report, Skipped
+from mst_fx.tokenwise import (OpInfo, chunk_call, classify, last_dim_only, numel, op_name,
+                              static_shape, value)
+
+KIND = "mlp"
+
+
+class CantChunk(Exception):
+    """Raised inside detection; caught at the pass boundary and turned into a Skipped."""
+
+
+@dataclass
+class MLPPlan:
+    data: Node  # the block's input, [*tokens, width]
+    nodes: list[Node]  # the block in graph order, the contracting projection last
+    width: int
+    checkpointed: bool  # the block already sits inside an activation-checkpointed region
+
+    @property
+    def end(self) -> Node:
+        return self.nodes[-1]
+
+
+def detect(gm: GraphModule, config: MSTConfig, checkpointed: bool, where) -> Report:
+    """Regions and skipped candidates of ``gm``; ``where(nodes)`` names a module path."""
+    report = Report()
+    starts_by_data: dict[Node, list[Node]] = {}
+    for n in gm.graph.nodes:
+        info = classify(n)
+        if info is not None and info.kind == "linear" and isinstance(info.data, Node) \
+                and info.out_width >= config.min_expansion * info.in_width:
+            starts_by_data.setdefault(info.data, []).append(n)
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    for data, starts in starts_by_data.items():
+        try:
+            region = _plan(data, starts, config, checkpointed, order, where)
+        except CantChunk as e:
+            report.skipped.append(Skipped(KIND, where(starts), str(e)))
+            continue
+        report.regions.append(region)
+    return report
+
+
+def rewrite(gm: GraphModule, region: Region, names: dict[str, tuple[str, str]]) -> None:
+    """Replace the block by the chunk loop. ``names`` maps body keys to (attribute,
+    identifier) across the whole compile, so identical bodies are compiled once."""
+    plan: MLPPlan = region.plan
+    body = build_body(gm, plan.nodes, plan.data, plan.end, checkpoint=not plan.checkpointed)
+    per_chunk: list[tuple[Body, str, str]] = []
+    for rows in chunk_rows(region.tokens, region.chunks):
+        key = f"{body.key}|rows={rows}"
+        if key not in names:
+            names[key] = (f"mst_{KIND}_body_{len(names)}", f"mst_{KIND}_{len(names)}")
+        per_chunk.append((body, *names[key]))
+    new = emit_chunk_loop(gm, plan.data, plan.end, per_chunk, plan.width)
+    plan.end.replace_all_uses_with(new)
+    for n in reversed(plan.nodes):
+        gm.graph.erase_node(n)
+
+
+def _plan(data: Node, starts: list[Node], config: MSTConfig, checkpointed: bool,
+          order: dict[Node, int], where) -> Region:
+    dv = value(data)
+    if dv is None or dv.dim() < 2:
+        raise CantChunk("input has no token dims")
+    shape = static_shape(dv)
+    if shape is None:
+        raise CantChunk("symbolic token count (dynamic shapes) is not chunked yet")
+    width, tokens = shape[-1], numel(shape[:-1])
+
+    nodes, end = _grow(starts)
+    _check_shapes(nodes, data, width, tokens)
+
+    widths = [classify(s).out_width for s in starts]
+    itemsize = max(value(n).element_size() for n in nodes if value(n) is not None)
+    held = tokens * sum(widths) * itemsize  # what plain compile keeps for backward, about
+    chunks = _chunk_count(config, tokens, sum(widths), width, held)
+    nodes.sort(key=order.__getitem__)
+    if nodes[-1] is not end:
+        raise CantChunk(f"{op_name(end)} is not the block's last node")
+    return Region(
+        kind=KIND, where=where(nodes), tokens=tokens, chunks=chunks,
+        bytes_saved=held - held // chunks,
+        detail=f"{width}->{'+'.join(map(str, widths))}->{classify(end).out_width}",
+        plan=MLPPlan(data, nodes, width, checkpointed))
+
+
+def _grow(starts: list[Node]) -> tuple[list[Node], Node]:
+    """All nodes reachable from ``starts`` up to contracting projections; one end allowed."""
+    region, ends, queue = set(starts), [], list(starts)
+    while queue:
+        n = queue.pop()
+        for u in n.users:
+            if u in region:
+                continue
+            if u.op == "output":
+                raise CantChunk(f"intermediate {n.name} is also an output of the graph")
+            info = classify(u)
+            if info is None:
+                raise CantChunk(f"{op_name(u)} is not token-wise (uses {n.name})")
+            if info.kind == "linear":
+                if info.data is not n:
+                    raise CantChunk(f"{n.name} is used as a weight by {op_name(u)}")
+                region.add(u)
+                if info.out_width < info.in_width:
+                    ends.append(u)
+                else:
+                    queue.append(u)
+                continue
+            why = last_dim_only(u, info)
+            if why:
+                raise CantChunk(why)
+            region.add(u)
+            queue.append(u)
+    if len(ends) != 1:
+        raise CantChunk("no contracting projection closes the block" if not ends else
+                        f"{len(ends)} contracting projections ({', '.join(e.name for e in ends)})")
+    return list(region), ends[0]
+
+
+def _check_shapes(nodes: list[Node], data: Node, width: int, tokens: int) -> None:
+    """Every tensor in the block keeps the token dims; every outside tensor it reads is a
+    weight, a bias or a broadcast over the feature dim (passed whole to each chunk)."""
+    region = set(nodes)
+    for n in nodes:
+        v = value(n)
+        # Views may regroup tokens ([B*S, d] <-> [B, S, d]) but never reorder them.
+        if v is not None and (v.dim() < 2 or numel(tuple(v.shape[:-1])) != tokens):
+            raise CantChunk(f"{op_name(n)} changes the token dims to {tuple(v.shape)}")
+        info = classify(n)
+        call = chunk_call(n, info)
+        if call is None:
+            continue
+        for a in _input_nodes(call):
+            if a is data or a in region:
+                continue
+            av = value(a)
+            if av is None:
+                raise CantChunk(f"{op_name(n)} reads {a.name}, which is not a tensor")
+            if _is_weight_of(n, info, a):
+                continue
+            if av.dim() > 2 or any(s != 1 for s in av.shape[:-1]):
+                raise CantChunk(f"{op_name(n)} reads a second token-shaped input {a.name} "
+                                f"{tuple(av.shape)}")
+
+
+def _is_weight_of(n: Node, info: OpInfo, a: Node) -> bool:
+    return info.kind == "linear" and a is not info.data and value(a).dim() <= 2
+
+
+def _input_nodes(call) -> list[Node]:
+    found: list[Node] = []
+    from torch.fx.node import map_arg
+    map_arg((call[2], call[3]), found.append)
+    return found
+
+
+def _chunk_count(config: MSTConfig, tokens: int, expanded: int, width: int, held: int) -> int:
+    if config.chunks is not None:
+        chunks = min(config.chunks, tokens)
+        if chunks < 2:
+            raise CantChunk(f"chunks={config.chunks} with {tokens} tokens: nothing to split")
+        return chunks
+    if config.chunk_bytes is not None:
+        chunks = math.ceil(held / config.chunk_bytes)
+    else:  # MsT: a chunk's intermediates about the size of the block's input
+        chunks = math.ceil(expanded / width)
+    chunks = min(chunks, config.max_chunks, tokens // config.min_chunk_tokens)
+    if chunks < 2:
+        raise CantChunk(f"{tokens} tokens give fewer than 2 chunks of min_chunk_tokens="
+                        f"{config.min_chunk_tokens}")
+    return chunks

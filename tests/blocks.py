@@ -1,0 +1,95 @@
+"""Small MLP blocks written the ways real models write them (torch-level code only)."""
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class GLU(nn.Module):
+    """down(act(gate(x)) * up(x)): SwiGLU (Llama), GeGLU (Gemma), sigmoid/tanh gating."""
+
+    def __init__(self, hidden, inter, act=F.silu, bias=False):
+        super().__init__()
+        self.gate = nn.Linear(hidden, inter, bias=bias)
+        self.up = nn.Linear(hidden, inter, bias=bias)
+        self.down = nn.Linear(inter, hidden, bias=bias)
+        self.act = act
+
+    def forward(self, x):
+        return self.down(self.act(self.gate(x)) * self.up(x))
+
+
+class Plain(nn.Module):
+    """fc2(act(fc1(x))): GELU + bias (BERT, GPT-NeoX), ReLU (OPT), squared ReLU."""
+
+    def __init__(self, hidden, inter, act=F.gelu, bias=True, dropout=0.0):
+        super().__init__()
+        self.fc1 = nn.Linear(hidden, inter, bias=bias)
+        self.fc2 = nn.Linear(inter, hidden, bias=bias)
+        self.act = act
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x):
+        return self.fc2(self.dropout(self.act(self.fc1(x))))
+
+
+class FusedGateUp(nn.Module):
+    """One gate_up projection split in two (Phi-3), by chunk, split, slicing or narrow."""
+
+    def __init__(self, hidden, inter, how="chunk"):
+        super().__init__()
+        self.gate_up = nn.Linear(hidden, 2 * inter, bias=False)
+        self.down = nn.Linear(inter, hidden, bias=False)
+        self.inter, self.how = inter, how
+
+    def forward(self, x):
+        gu = self.gate_up(x)
+        if self.how == "chunk":
+            g, u = gu.chunk(2, dim=-1)
+        elif self.how == "split":
+            g, u = torch.split(gu, self.inter, dim=-1)
+        elif self.how == "slice":
+            g, u = gu[..., : self.inter], gu[..., self.inter :]
+        else:
+            g, u = gu.narrow(-1, 0, self.inter), gu.narrow(-1, self.inter, self.inter)
+        return self.down(u * F.silu(g))
+
+
+class Conv1DMLP(nn.Module):
+    """GPT-2's MLP: HF Conv1D is addmm over a 2-D view, with tanh-approximated GELU."""
+
+    def __init__(self, hidden, inter):
+        super().__init__()
+        self.w_fc = nn.Parameter(torch.randn(hidden, inter) * 0.02)
+        self.b_fc = nn.Parameter(torch.randn(inter) * 0.02)
+        self.w_proj = nn.Parameter(torch.randn(inter, hidden) * 0.02)
+        self.b_proj = nn.Parameter(torch.randn(hidden) * 0.02)
+
+    def forward(self, x):
+        size = x.size()[:-1] + (self.w_fc.shape[1],)
+        h = torch.addmm(self.b_fc, x.view(-1, x.size(-1)), self.w_fc).view(size)
+        h = 0.5 * h * (1.0 + torch.tanh(0.7978845608 * (h + 0.044715 * torch.pow(h, 3.0))))
+        size = h.size()[:-1] + (self.w_proj.shape[1],)
+        return torch.addmm(self.b_proj, h.view(-1, h.size(-1)), self.w_proj).view(size)
+
+
+class MatmulMLP(nn.Module):
+    """Raw parameters and @, casts to fp32 inside the block and back (mixed precision)."""
+
+    def __init__(self, hidden, inter):
+        super().__init__()
+        self.w1 = nn.Parameter(torch.randn(hidden, inter) * hidden**-0.5)
+        self.bias = nn.Parameter(torch.zeros(inter))
+        self.w2 = nn.Parameter(torch.randn(inter, hidden) * inter**-0.5)
+
+    def forward(self, x):
+        h = (x @ self.w1 + self.bias).float()
+        return torch.square(F.relu(h)).type_as(x) @ self.w2
+
+
+def squared_relu(x):
+    return torch.square(F.relu(x))
+
+
+def gelu_tanh(x):
+    return F.gelu(x, approximate="tanh")

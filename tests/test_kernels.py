@@ -1,0 +1,42 @@
+"""The chunk bodies are compiled by Inductor: C++ kernels on CPU, Triton kernels on GPU."""
+
+import pytest
+import torch
+from torch._inductor.utils import run_and_get_code
+
+import mst_fx
+from blocks import GLU
+
+
+def compiled_code(device):
+    module = GLU(64, 256).to(device)
+    x = torch.randn(4, 64, 64, device=device, requires_grad=True)
+    compiled = torch.compile(module, backend=mst_fx.make_backend(chunks=4))
+
+    def step():
+        compiled(x).sum().backward()
+
+    _, code = run_and_get_code(step)
+    return "\n".join(code)
+
+
+def body_source(code: str, prefix: str) -> str:
+    """The generated Python function of the first chunk body whose name starts with prefix."""
+    start = code.index(f"def {prefix}")
+    end = code.find("\ndef ", start + 1)
+    return code[start:end]
+
+
+def test_chunk_bodies_become_cpp_kernels():
+    code = compiled_code("cpu")
+    for prefix in ("partitioned_fw_mst_mlp", "partitioned_bw_mst_mlp"):
+        assert "cpp_fused_" in body_source(code, prefix)  # silu(gate) * up: a generated C++ kernel
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_chunk_bodies_become_triton_kernels():
+    code = compiled_code("cuda")
+    for prefix in ("partitioned_fw_mst_mlp", "partitioned_bw_mst_mlp"):
+        assert "triton_poi_fused_" in body_source(code, prefix)
+    assert "@triton.jit" in code

@@ -1,0 +1,240 @@
+"""MLP pass: every block form is rewritten and exact; unsafe forms are left alone, with reasons."""
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from hypothesis import HealthCheck, given, settings, strategies as st
+
+import mst_fx
+from blocks import GLU, Conv1DMLP, FusedGateUp, MatmulMLP, Plain, gelu_tanh, squared_relu
+from helpers import check_rewrite
+
+H, I = 32, 96
+CFG = mst_fx.MSTConfig(chunks=4)
+
+BLOCKS = {
+    "swiglu": lambda: GLU(H, I, F.silu),
+    "geglu_tanh": lambda: GLU(H, I, gelu_tanh),
+    "sigmoid_gate": lambda: GLU(H, I, torch.sigmoid),
+    "tanh_gate_bias": lambda: GLU(H, I, torch.tanh, bias=True),
+    "gelu_bias": lambda: Plain(H, I, F.gelu),
+    "relu": lambda: Plain(H, I, F.relu),
+    "squared_relu": lambda: Plain(H, I, squared_relu, bias=False),
+    "dropout_p0": lambda: Plain(H, I, F.gelu, dropout=0.0),
+    "fused_chunk": lambda: FusedGateUp(H, I, "chunk"),
+    "fused_split": lambda: FusedGateUp(H, I, "split"),
+    "fused_slice": lambda: FusedGateUp(H, I, "slice"),
+    "fused_narrow": lambda: FusedGateUp(H, I, "narrow"),
+    "conv1d_gelu_new": lambda: Conv1DMLP(H, I),
+    "matmul_casts": lambda: MatmulMLP(H, I),
+}
+
+
+@pytest.mark.parametrize("name", sorted(BLOCKS))
+@pytest.mark.parametrize("shape", [(2, 37), (74,)], ids=["3d", "2d"])  # 74 tokens: not divisible by 4
+def test_block_is_rewritten_and_exact(name, shape):
+    block = BLOCKS[name]()
+    x = torch.randn(*shape, H, requires_grad=True)
+    backend = check_rewrite(block, [x], expect={"mlp": 1}, config=CFG)
+    (region,) = backend.report.regions
+    assert region.kind == "mlp" and region.chunks == 4 and region.tokens == 74
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_dtypes(dtype):
+    block = GLU(H, I).to(dtype)
+    x = torch.randn(3, 50, H, dtype=dtype, requires_grad=True)
+    check_rewrite(block, [x], expect={"mlp": 1}, config=CFG, dtype=dtype)
+
+
+class Stack(nn.Module):
+    """Pre-norm residual layers, optionally each under torch.utils.checkpoint."""
+
+    def __init__(self, layers=2, checkpointed=False):
+        super().__init__()
+        self.norms = nn.ModuleList(nn.LayerNorm(H) for _ in range(layers))
+        self.mlps = nn.ModuleList(GLU(H, I) for _ in range(layers))
+        self.checkpointed = checkpointed
+
+    def layer(self, i, x):
+        return x + self.mlps[i](self.norms[i](x))
+
+    def forward(self, x):
+        for i in range(len(self.mlps)):
+            if self.checkpointed:
+                x = torch.utils.checkpoint.checkpoint(self.layer, i, x, use_reentrant=False)
+            else:
+                x = self.layer(i, x)
+        return x
+
+
+@pytest.mark.parametrize("checkpointed", [False, True])
+def test_layers_rewritten_with_module_paths(checkpointed):
+    x = torch.randn(2, 40, H, requires_grad=True)
+    model = Stack(2, checkpointed)
+    backend = check_rewrite(model, [x], expect={"mlp": 2}, config=CFG)
+    assert sorted(r.where for r in backend.report.regions) == ["mlps.0", "mlps.1"]
+    report = mst_fx.explain(model, x, config=CFG)
+    assert [r.kind for r in report.regions] == ["mlp", "mlp"] and not report.skipped
+    assert "mlps.0" in str(report)
+
+
+def _backward_mm_flops(config, model, x):
+    """FLOPs of every mm the backward graph runs (inside chunk bodies too), from the graphs
+    AOTAutograd's min-cut partitioner makes of the rewritten graph (as Inductor does)."""
+    from torch._functorch.aot_autograd import aot_module_simplified
+    from torch._functorch.partitioners import min_cut_rematerialization_partition
+    from mst_fx import engine
+
+    flops = {}
+
+    def count(gm):
+        total = 0
+        for n in gm.graph.nodes:
+            if n.target is torch.ops.aten.mm.default:
+                (m, k), (_, n_) = n.args[0].meta["val"].shape, n.args[1].meta["val"].shape
+                total += 2 * m * k * n_
+            elif n.target is torch.ops.higher_order.invoke_subgraph:
+                total += count(getattr(gm, n.args[0].target))
+        return total
+
+    def bw(gm, _):
+        flops["bw"] = count(gm)
+        return gm
+
+    def backend(gm, example_inputs):
+        if config is not None:
+            engine.rewrite(gm, config)
+        return aot_module_simplified(gm, example_inputs, fw_compiler=lambda g, _: g,
+                                     bw_compiler=bw, partition_fn=min_cut_rematerialization_partition)
+
+    torch._dynamo.reset()
+    torch.compile(model, backend=backend)(x).sum().backward()
+    return flops["bw"]
+
+
+def test_checkpointed_layer_gets_no_third_forward():
+    """Under per-layer checkpointing the layer is recomputed once; the chunks must not
+    recompute the MLP again. A third forward would add the two expanding GEMMs (2 units of
+    T*H*I each); re-running the down projection inside the recomputed chunk costs 1 unit."""
+    x = torch.randn(2, 64, H, requires_grad=True)
+    model = Stack(2, checkpointed=True)
+    plain = _backward_mm_flops(None, model, x)
+    chunked = _backward_mm_flops(CFG, model, x)
+    unit = 2 * x.shape[0] * x.shape[1] * H * I
+    assert chunked - plain <= 1 * unit * 2  # per layer: at most the down projection again
+    assert chunked - plain < 2 * unit * 2  # strictly less than one more forward per layer
+
+
+def test_not_checkpointed_recomputes_only_the_expansions():
+    x = torch.randn(2, 64, H, requires_grad=True)
+    model = Stack(2, checkpointed=False)
+    unit = 2 * x.shape[0] * x.shape[1] * H * I
+    extra = _backward_mm_flops(CFG, model, x) - _backward_mm_flops(None, model, x)
+    assert extra == 2 * unit * 2  # gate and up recomputed, per layer
+
+
+# ---- negative cases: left unchanged, with a reason, and still exact --------------------
+
+
+class TokenMix(nn.Module):
+    def __init__(self, how):
+        super().__init__()
+        self.fc1, self.fc2, self.how = nn.Linear(H, I), nn.Linear(I, H), how
+
+    def forward(self, x, other=None):
+        h = F.gelu(self.fc1(x))
+        if self.how == "transpose":
+            h = h.transpose(0, 1).contiguous().transpose(0, 1)
+        elif self.how == "cumsum":
+            h = torch.cumsum(h, dim=1)
+        elif self.how == "mean_over_tokens":
+            h = h - h.mean(dim=1, keepdim=True)
+        elif self.how == "escapes":
+            return self.fc2(h), h.sum()
+        elif self.how == "second_input":
+            h = h * other
+        return self.fc2(h)
+
+
+@pytest.mark.parametrize("how,reason", [
+    ("transpose", "not token-wise"),
+    ("cumsum", "not token-wise"),
+    ("mean_over_tokens", "not token-wise"),
+    ("escapes", "not token-wise"),
+    ("second_input", "second token-shaped input"),
+])
+def test_unsafe_blocks_left_unchanged(how, reason):
+    x = torch.randn(2, 24, H, requires_grad=True)
+    args = [x, torch.randn(2, 24, I)] if how == "second_input" else [x]
+    block = TokenMix(how)
+    loss = (lambda out: out[0].square().mean() + out[1]) if how == "escapes" else None
+    kwargs = {"loss_fn": loss} if loss else {}
+    backend = check_rewrite(block, args, expect={"mlp": 0}, config=CFG, **kwargs)
+    assert not backend.report.regions
+    assert any(reason in s.reason for s in backend.report.skipped), str(backend.report)
+
+
+def test_intermediate_returned_is_left_unchanged():
+    class Returns(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc1, self.fc2 = nn.Linear(H, I), nn.Linear(I, H)
+
+        def forward(self, x):
+            h = F.relu(self.fc1(x))
+            return self.fc2(h), h
+
+    x = torch.randn(2, 24, H, requires_grad=True)
+    backend = check_rewrite(Returns(), [x], expect={"mlp": 0}, config=CFG,
+                            loss_fn=lambda o: o[0].square().mean() + o[1].mean())
+    assert "output of the graph" in backend.report.skipped[0].reason
+
+
+def test_dropout_in_training_is_left_unchanged():
+    x = torch.randn(2, 24, H, requires_grad=True)
+    report = mst_fx.explain(Plain(H, I, dropout=0.1).train(), x, config=CFG)
+    assert not report.regions and "dropout" in report.skipped[0].reason
+    report = mst_fx.explain(Plain(H, I, dropout=0.1).eval(), x, config=CFG)
+    assert len(report.regions) == 1
+
+
+def test_too_few_tokens_for_default_chunking():
+    x = torch.randn(2, 24, H, requires_grad=True)
+    report = mst_fx.explain(GLU(H, I), x)  # default: at least 1024 tokens per chunk
+    assert not report.regions and "min_chunk_tokens" in report.skipped[0].reason
+    check_rewrite(GLU(H, I), [x], expect={"mlp": 0})
+
+
+def test_default_chunk_count_follows_mst():
+    """M = sum of expanded widths / hidden (2 x 4096 / 512 = 16 for this GLU), floored by
+    min_chunk_tokens (8192 tokens / 1024 = 8)."""
+    x = torch.randn(8192, 512)
+    (region,) = mst_fx.explain(GLU(512, 4096), x).regions
+    assert region.chunks == 8
+    (region,) = mst_fx.explain(GLU(512, 4096), x, config=mst_fx.MSTConfig(min_chunk_tokens=256)).regions
+    assert region.chunks == 16
+    (region,) = mst_fx.explain(Plain(512, 1024), x).regions
+    assert region.chunks == 2
+
+
+# ---- property: any shape, activation, chunk count and dtype ------------------------------
+
+ACTS = {"silu": F.silu, "gelu": F.gelu, "relu": F.relu, "sigmoid": torch.sigmoid}
+
+
+@settings(max_examples=8, deadline=None, suppress_health_check=list(HealthCheck))
+@given(
+    batch=st.integers(1, 3), seq=st.integers(1, 40), hidden=st.sampled_from([8, 16, 24]),
+    expand=st.integers(2, 4), act=st.sampled_from(sorted(ACTS)), glu=st.booleans(),
+    chunks=st.integers(2, 7), dtype=st.sampled_from([torch.float32, torch.bfloat16]),
+)
+def test_property_equals_eager(batch, seq, hidden, expand, act, glu, chunks, dtype):
+    torch._dynamo.reset()
+    inter = hidden * expand
+    block = (GLU(hidden, inter, ACTS[act]) if glu else Plain(hidden, inter, ACTS[act])).to(dtype)
+    x = torch.randn(batch, seq, hidden, dtype=dtype, requires_grad=True)
+    tokens = batch * seq
+    expect = {"mlp": 1 if min(chunks, tokens) >= 2 else 0}
+    check_rewrite(block, [x], expect=expect, config=mst_fx.MSTConfig(chunks=chunks), dtype=dtype)

@@ -1,0 +1,43 @@
+"""Hugging Face causal LMs from small configs (random weights, no downloads): every MLP is
+chunked and a training step equals eager, with and without gradient checkpointing."""
+
+import pytest
+import torch
+
+import mst_fx
+from helpers import check_rewrite
+
+transformers = pytest.importorskip("transformers")
+
+CFG = mst_fx.MSTConfig(chunks=4)
+SMALL = dict(vocab_size=96, hidden_size=64, num_hidden_layers=2, num_attention_heads=4)
+
+
+def llama():
+    return transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        **SMALL, intermediate_size=176, num_key_value_heads=2))
+
+
+def gpt2():  # Conv1D MLP with gelu_new, tied head
+    return transformers.GPT2LMHeadModel(transformers.GPT2Config(
+        vocab_size=96, n_embd=64, n_layer=2, n_head=4, n_positions=64,
+        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0))
+
+
+def phi3():  # fused gate_up projection
+    return transformers.Phi3ForCausalLM(transformers.Phi3Config(
+        **SMALL, intermediate_size=160, num_key_value_heads=4, pad_token_id=0,
+        resid_pdrop=0.0, embd_pdrop=0.0, attention_dropout=0.0))
+
+
+@pytest.mark.parametrize("make", [llama, gpt2, phi3], ids=["llama", "gpt2", "phi3"])
+@pytest.mark.parametrize("checkpointing", [False, True], ids=["plain", "grad_ckpt"])
+def test_training_step_matches_eager(make, checkpointing):
+    model = make().train()
+    if checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    ids = torch.randint(0, 96, (2, 23))  # 46 tokens: not divisible by 4
+    backend = check_rewrite(model, [ids], kwargs={"labels": ids}, expect={"mlp": 2},
+                            config=CFG, loss_fn=lambda out: out.loss)
+    wheres = sorted(r.where for r in backend.report.regions)
+    assert len(wheres) == 2 and all(w.endswith("mlp") for w in wheres), wheres
