@@ -16,6 +16,7 @@ import torch
 from torch._dynamo.utils import counters
 
 from mst_fx import engine
+from mst_fx.accumulate import SerialAccumulation
 from mst_fx.config import MSTConfig
 from mst_fx.report import Report, Skipped
 
@@ -25,7 +26,14 @@ log = logging.getLogger("mst_fx.backend")
 # inputs. A chunk body under checkpointing returns its chunk input as the value saved for
 # backward, so reusing the chunk's source buffer for a later result corrupts what backward
 # reads (wrong gradients, seen in tests/test_mlp.py). Buffers are still freed at last use.
-REWRITE_INDUCTOR_CONFIG = {"allow_buffer_reuse": False}
+#
+# SerialAccumulation (mst_fx.accumulate) keeps Inductor from summing the chunks' weight
+# gradients in one kernel after the last chunk.
+def rewrite_inductor_config() -> dict:
+    from torch._inductor import config
+
+    return {"allow_buffer_reuse": False,
+            "post_grad_custom_post_pass": SerialAccumulation(config.post_grad_custom_post_pass)}
 
 
 class MSTBackend:
@@ -51,7 +59,7 @@ class MSTBackend:
         if not applied:
             return compile_fx(gm, example_inputs)
         try:
-            compiled = compile_fx(gm, example_inputs, config_patches=REWRITE_INDUCTOR_CONFIG)
+            compiled = compile_fx(gm, example_inputs, config_patches=rewrite_inductor_config())
         except Exception as e:  # noqa: BLE001
             log.warning("mst_fx: Inductor failed on the rewritten graph, compiling it unchanged: %r", e)
             engine.restore(saved)

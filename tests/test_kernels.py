@@ -27,6 +27,19 @@ def body_source(code: str, prefix: str) -> str:
     return code[start:end]
 
 
+def test_weight_gradients_are_summed_chunk_by_chunk():
+    """Each add of the chunks' partial weight gradients is its own barrier call, placed
+    after the chunk that produced it (mst_fx.accumulate), not one fused kernel at the end."""
+    code = compiled_code("cpu")
+    lines = [l.strip() for l in code.splitlines()]
+    calls = [i for i, l in enumerate(lines) if l.startswith("# subgraph: partitioned_bw_mst_mlp")]
+    adds = [i for i, l in enumerate(lines) if l.startswith("# subgraph: mst_accumulate")]
+    assert len(calls) == 4 and len(adds) == 3 * 3  # 3 weights, 3 adds each for 4 chunks
+    for k in range(1, 4):  # the adds using chunk k's partials run before chunk k+1 starts
+        before_next = [i for i in adds if calls[k] < i < (calls[k + 1] if k + 1 < 4 else 10**9)]
+        assert len(before_next) == 3, (k, calls, adds)
+
+
 def test_chunk_bodies_become_cpp_kernels():
     code = compiled_code("cpu")
     for prefix in ("partitioned_fw_mst_mlp", "partitioned_bw_mst_mlp"):
