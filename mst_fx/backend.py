@@ -16,7 +16,7 @@ import torch
 from torch._dynamo.utils import counters
 
 from mst_fx import engine
-from mst_fx.accumulate import SerialAccumulation
+from mst_fx.barriers import ChunkBarriers
 from mst_fx.config import MSTConfig
 from mst_fx.report import Report, Skipped
 
@@ -27,13 +27,13 @@ log = logging.getLogger("mst_fx.backend")
 # backward, so reusing the chunk's source buffer for a later result corrupts what backward
 # reads (wrong gradients, seen in tests/test_mlp.py). Buffers are still freed at last use.
 #
-# SerialAccumulation (mst_fx.accumulate) keeps Inductor from summing the chunks' weight
-# gradients in one kernel after the last chunk.
+# ChunkBarriers (mst_fx.barriers) keeps Inductor from summing the chunks' weight gradients
+# in one kernel after the last chunk.
 def rewrite_inductor_config() -> dict:
     from torch._inductor import config
 
     return {"allow_buffer_reuse": False,
-            "post_grad_custom_post_pass": SerialAccumulation(config.post_grad_custom_post_pass)}
+            "post_grad_custom_post_pass": ChunkBarriers(config.post_grad_custom_post_pass)}
 
 
 class MSTBackend:

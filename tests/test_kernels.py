@@ -27,17 +27,18 @@ def body_source(code: str, prefix: str) -> str:
     return code[start:end]
 
 
-def test_weight_gradients_are_summed_chunk_by_chunk():
-    """Each add of the chunks' partial weight gradients is its own barrier call, placed
-    after the chunk that produced it (mst_fx.accumulate), not one fused kernel at the end."""
+def test_backward_stays_chunk_by_chunk():
+    """Each add of the chunks' partial weight gradients runs right after the body that
+    produced it (mst_fx.barriers), instead of in one fused kernel after the last chunk."""
     code = compiled_code("cpu")
     lines = [l.strip() for l in code.splitlines()]
     calls = [i for i, l in enumerate(lines) if l.startswith("# subgraph: partitioned_bw_mst_mlp")]
-    adds = [i for i, l in enumerate(lines) if l.startswith("# subgraph: mst_accumulate")]
-    assert len(calls) == 4 and len(adds) == 3 * 3  # 3 weights, 3 adds each for 4 chunks
-    for k in range(1, 4):  # the adds using chunk k's partials run before chunk k+1 starts
-        before_next = [i for i in adds if calls[k] < i < (calls[k + 1] if k + 1 < 4 else 10**9)]
-        assert len(before_next) == 3, (k, calls, adds)
+    barriers = [i for i, l in enumerate(lines) if l.startswith("# subgraph: mst_barrier")]
+    assert len(calls) == 4 and len(barriers) == 3 * 3  # 3 weights, 3 adds each for 4 chunks
+    bounds = [-1] + calls + [10**9]
+    between = [sum(bounds[k] < i < bounds[k + 1] for i in barriers) for k in range(5)]
+    # after chunk 0 nothing to add yet; after each later chunk, one add per weight
+    assert between == [0, 0, 3, 3, 3], between
 
 
 def test_chunk_bodies_become_cpp_kernels():
