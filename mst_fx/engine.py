@@ -76,10 +76,17 @@ def rewrite(gm: GraphModule, config: MSTConfig) -> Report:
 
 
 def snapshot(gm: GraphModule) -> list[tuple[GraphModule, Graph]]:
+    """Copies of the graphs of ``gm`` and its checkpoint bodies, for ``restore``."""
     saved = []
     for mod, _ in graph_modules(gm):
-        g = Graph()
-        g.output(g.graph_copy(mod.graph, {}))
+        g, copies = Graph(), {}
+        g.output(g.graph_copy(mod.graph, copies))
+        for old, new in copies.items():
+            # Dynamo keeps facts as plain node attributes (placeholders' _dynamo_source),
+            # which graph_copy does not carry over; Inductor needs them.
+            for k, v in vars(old).items():
+                if k not in vars(new):
+                    setattr(new, k, v)
         saved.append((mod, g))
     return saved
 

@@ -55,12 +55,16 @@ def detect(gm: GraphModule, config: MSTConfig, checkpointed: bool, where) -> Rep
                 and info.out_width >= config.min_expansion * info.in_width:
             starts_by_data.setdefault(info.data, []).append(n)
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    claimed: set[Node] = set()
     for data, starts in starts_by_data.items():
         try:
             region = _plan(data, starts, config, checkpointed, order, where)
+            if claimed.intersection(region.plan.nodes):
+                raise CantChunk("overlaps a block found before it (an expansion inside a block)")
         except CantChunk as e:
             report.skipped.append(Skipped(KIND, where(starts), str(e)))
             continue
+        claimed.update(region.plan.nodes)
         report.regions.append(region)
     return report
 

@@ -238,3 +238,19 @@ def test_property_equals_eager(batch, seq, hidden, expand, act, glu, chunks, dty
     tokens = batch * seq
     expect = {"mlp": 1 if min(chunks, tokens) >= 2 else 0}
     check_rewrite(block, [x], expect=expect, config=mst_fx.MSTConfig(chunks=chunks), dtype=dtype)
+
+
+def test_expansion_inside_a_block_is_one_region():
+    """fc1 expands, fc_mid expands again inside the block: one region, the outer one."""
+
+    class Nested(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc1, self.mid, self.fc2 = nn.Linear(H, 2 * H), nn.Linear(2 * H, 4 * H), nn.Linear(4 * H, H)
+
+        def forward(self, x):
+            return self.fc2(F.gelu(self.mid(F.relu(self.fc1(x)))))
+
+    x = torch.randn(2, 24, H, requires_grad=True)
+    backend = check_rewrite(Nested(), [x], expect={"mlp": 1}, config=CFG)
+    assert any("overlaps" in s.reason for s in backend.report.skipped)

@@ -1,0 +1,68 @@
+"""Backend glue: never raise out of torch.compile, report why, count what was applied."""
+
+import torch
+from torch._dynamo.utils import counters
+
+import mst_fx
+from blocks import GLU
+from helpers import check_rewrite
+
+CFG = mst_fx.MSTConfig(chunks=4)
+
+
+def test_failing_rewrite_leaves_graph_unchanged(monkeypatch):
+    from mst_fx.passes import mlp
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("simulated pass bug")
+
+    monkeypatch.setattr(mlp, "rewrite", broken)
+    x = torch.randn(2, 24, 32, requires_grad=True)
+    backend = check_rewrite(GLU(32, 96), [x], expect={"mlp": 0}, config=CFG)
+    assert not backend.report.regions
+    assert "simulated pass bug" in backend.report.skipped[0].reason
+
+
+def test_failing_inductor_on_rewrite_falls_back(monkeypatch):
+    """If Inductor rejects the rewritten graph, the original graph is compiled instead."""
+    import torch._inductor.compile_fx as cfx
+
+    real = cfx.compile_fx
+
+    def picky(gm, example_inputs, **kwargs):
+        if any(n.target is torch.ops.higher_order.invoke_subgraph for n in gm.graph.nodes):
+            raise RuntimeError("simulated Inductor failure")
+        return real(gm, example_inputs, **kwargs)
+
+    monkeypatch.setattr(cfx, "compile_fx", picky)
+    x = torch.randn(2, 24, 32, requires_grad=True)
+    backend = check_rewrite(GLU(32, 96), [x], expect={"mlp": 0}, config=CFG)
+    assert not backend.report.regions[0].applied
+    assert "simulated Inductor failure" in backend.report.skipped[-1].reason
+
+
+def test_inference_is_exact_and_chunked():
+    block = GLU(32, 96).eval()
+    x = torch.randn(3, 30, 32)
+    with torch.no_grad():
+        ref = block(x)
+        got = torch.compile(block, backend=mst_fx.make_backend(CFG))(x)
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+    assert counters["mst_fx"]["mlp"] == 1
+
+
+def test_report_table_reads():
+    x = torch.randn(4, 512, 64)
+    report = mst_fx.explain(GLU(64, 256), x, config=mst_fx.MSTConfig(min_chunk_tokens=256))
+    text = str(report)
+    assert "1 region(s) to chunk" in text and "64->256+256->64" in text
+    assert report.regions[0].tokens == 2048 and report.regions[0].chunks == 8
+    assert report.regions[0].bytes_saved == 2048 * 512 * 4 * 7 // 8
+
+
+def test_default_backend_callable():
+    x = torch.randn(2, 24, 32, requires_grad=True)
+    block = GLU(32, 96)
+    out = torch.compile(block, backend=mst_fx.mst_backend)(x)
+    torch.testing.assert_close(out, block(x), rtol=1e-5, atol=1e-5)
+    assert not counters["mst_fx"]  # 48 tokens: below min_chunk_tokens, left unchanged
