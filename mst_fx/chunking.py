@@ -62,8 +62,10 @@ def build_body(owner: GraphModule, nodes: list[Node], data: Node, end: Node,
             env[n] = env[n.args[0]]
             continue
         op, target, args, kwargs = call
+        # Names come from the targets, not the model's nodes, so that the same block in
+        # every layer gives the same code, the same key, and one compiled body.
         env[n] = inner.create_node(op, target, map_arg(args, env.__getitem__),
-                                   map_arg(kwargs, env.__getitem__), name=n.name)
+                                   map_arg(kwargs, env.__getitem__))
     inner.output((env[end],))
     wrapped = GraphModule(owner, inner)
 
