@@ -28,7 +28,7 @@ POINTWISE_FUNCTIONS = {
     F.softplus, F.hardswish, F.hardsigmoid, F.hardtanh, F.sigmoid, F.tanh,
     torch._C._nn.gelu, torch._C._nn.silu, torch.sigmoid, torch.tanh, torch.relu, torch.exp,
     torch.square, torch.sqrt, torch.rsqrt, torch.pow, torch.abs, torch.neg, torch.erf,
-    torch.clamp, torch.mul, torch.add, torch.sub, torch.div, torch.where,
+    torch.clamp, torch.mul, torch.add, torch.sub, torch.div,
     operator.mul, operator.add, operator.sub, operator.truediv, operator.pow, operator.neg,
 }
 POINTWISE_METHODS = {
@@ -129,8 +129,13 @@ def classify(node: Node) -> OpInfo | None:
 
 
 def last_dim_only(node: Node, info: OpInfo) -> str | None:
-    """For split/slice/dropout nodes: None when the op touches only the feature dim, else why not."""
+    """For view/split/slice/dropout nodes: None when the op is safe per chunk, else why not."""
     src = value(node.args[0])
+    if info.kind == "view":  # the identity on a chunk only if the feature dim stays as it is
+        out = value(node)
+        if src is None or out is None or out.dtype != src.dtype or out.shape[-1] != src.shape[-1]:
+            return f"{_name(node)} changes the feature dim or dtype"
+        return None
     if info.kind == "dropout":
         p = _arg(node, 1, "p", 0.5)
         training = _arg(node, 2, "training", True)

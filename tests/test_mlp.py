@@ -254,3 +254,19 @@ def test_expansion_inside_a_block_is_one_region():
     x = torch.randn(2, 24, H, requires_grad=True)
     backend = check_rewrite(Nested(), [x], expect={"mlp": 1}, config=CFG)
     assert any("overlaps" in s.reason for s in backend.report.skipped)
+
+
+def test_view_that_changes_the_feature_dim_is_left_unchanged():
+    class Heads(nn.Module):  # like attention: split the features into heads, mix per head
+        def __init__(self):
+            super().__init__()
+            self.fc1, self.fc2 = nn.Linear(H, I), nn.Linear(I, H)
+
+        def forward(self, x):
+            h = self.fc1(x)
+            h = h.view(*h.shape[:-1], 4, I // 4).softmax(-2).flatten(-2)
+            return self.fc2(h)
+
+    x = torch.randn(2, 24, H, requires_grad=True)
+    backend = check_rewrite(Heads(), [x], expect={"mlp": 0}, config=CFG)
+    assert "feature dim" in backend.report.skipped[0].reason
