@@ -119,7 +119,24 @@ def run(hidden=4096, inter=14336, tokens=(16384, 65536), chunk_counts=(2, 4, 8),
     for r in rows:
         print(f"{r['method']:<16}{r['tokens']:>8}{r['chunks']:>4}{r['ms']:>10}{r['extra_gb']:>10}"
               f"{r['floor_gb']:>10}{r['over_floor_gb']:>11}")
+    print(paper_layout(rows))
     return rows
+
+
+def paper_layout(rows) -> str:
+    """The MsT paper's MLP tables: one row per method, one column per token count, for time
+    (ms) and for extra peak memory (GB); markdown."""
+    tokens = sorted({r["tokens"] for r in rows})
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    cell = {(r["method"], r["tokens"]): r for r in rows}
+    out = []
+    for field, title in (("ms", "time (ms)"), ("extra_gb", "extra peak (GB)")):
+        out.append(f"\n{title}\n| method | " + " | ".join(str(t) for t in tokens) + " |")
+        out.append("|---|" + "---|" * len(tokens))
+        for m in methods:
+            out.append(f"| {m} | " + " | ".join(str(cell[(m, t)][field]) if (m, t) in cell else ""
+                                                for t in tokens) + " |")
+    return "\n".join(out)
 
 
 def main():

@@ -217,6 +217,10 @@ def test_default_chunk_count_follows_mst():
     assert region.chunks == 16
     (region,) = mst_fx.explain(Plain(512, 1024), x).regions
     assert region.chunks == 2
+    # chunk_bytes: gate + up of 8192 tokens in fp32 hold 256 MiB; 64 MiB per chunk -> M=4
+    config = mst_fx.MSTConfig(chunk_bytes=64 << 20)
+    (region,) = mst_fx.explain(GLU(512, 4096), x, config=config).regions
+    assert region.chunks == 4
 
 
 # ---- property: any shape, activation, chunk count and dtype ------------------------------
