@@ -223,6 +223,16 @@ def test_default_chunk_count_follows_mst():
     assert region.chunks == 4
 
 
+def test_default_leaves_blocks_whose_weights_outweigh_their_intermediates():
+    """Per-chunk weight-gradient partials cost about the weights: 2048 tokens x 2 x 4096
+    wide (64 MiB) vs 3 x 4096 x 2048 weights (96 MiB) is not worth chunking."""
+    x = torch.randn(2048, 2048)
+    config = mst_fx.MSTConfig(min_chunk_tokens=256)
+    report = mst_fx.explain(GLU(2048, 4096), x, config=config)
+    assert not report.regions and "no larger than the weights" in report.skipped[0].reason
+    assert len(mst_fx.explain(GLU(2048, 4096), x, config=config.replace(chunks=4)).regions) == 1
+
+
 # ---- property: any shape, activation, chunk count and dtype ------------------------------
 
 ACTS = {"silu": F.silu, "gelu": F.gelu, "relu": F.relu, "sigmoid": torch.sigmoid}
