@@ -26,13 +26,15 @@ log = logging.getLogger("mst_fx.backend")
 # inputs. A chunk body under checkpointing returns its chunk input as the value saved for
 # backward, so reusing the chunk's source buffer for a later result corrupts what backward
 # reads (wrong gradients, seen in tests/test_mlp.py). Buffers are still freed at last use.
+# For the same reason no kernel may write its result in place into such a buffer
+# (inplace_buffers; BERT's residual over the MLP input gave wrong gradients, test_models.py).
 #
 # ChunkBarriers (mst_fx.barriers) keeps Inductor from summing the chunks' weight gradients
 # in one kernel after the last chunk.
 def rewrite_inductor_config() -> dict:
     from torch._inductor import config
 
-    return {"allow_buffer_reuse": False,
+    return {"allow_buffer_reuse": False, "inplace_buffers": False,
             "post_grad_custom_post_pass": ChunkBarriers(config.post_grad_custom_post_pass)}
 
 

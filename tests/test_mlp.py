@@ -284,3 +284,22 @@ def test_view_that_changes_the_feature_dim_is_left_unchanged():
     x = torch.randn(2, 24, H, requires_grad=True)
     backend = check_rewrite(Heads(), [x], expect={"mlp": 0}, config=CFG)
     assert "feature dim" in backend.report.skipped[0].reason
+
+
+class PostNorm(nn.Module):
+    """BERT's layer: the residual adds the MLP's own input, h + mlp(h), then LayerNorm. The
+    last reader of h is that add, which Inductor would compute in place into h's buffer;
+    the chunk bodies' saved inputs are views of that buffer."""
+
+    def __init__(self):
+        super().__init__()
+        self.norm_in, self.norm_out, self.mlp = nn.LayerNorm(H), nn.LayerNorm(H), Plain(H, I)
+
+    def forward(self, x):
+        h = self.norm_in(x)
+        return self.norm_out(h + self.mlp(h))
+
+
+def test_residual_over_the_block_input_is_exact():
+    x = torch.randn(2, 40, H, requires_grad=True)
+    check_rewrite(PostNorm(), [x], expect={"mlp": 1}, config=CFG)
