@@ -287,9 +287,9 @@ def test_view_that_changes_the_feature_dim_is_left_unchanged():
 
 
 class PostNorm(nn.Module):
-    """BERT's layer: the residual adds the MLP's own input, h + mlp(h), then LayerNorm. The
-    last reader of h is that add, which Inductor would compute in place into h's buffer;
-    the chunk bodies' saved inputs are views of that buffer."""
+    """BERT's layer shape: the residual adds the MLP's own input, h + mlp(h), then LayerNorm.
+    (The in-place write that broke BERT did not reproduce in this small form; the BERT
+    test in test_models.py is the regression test.)"""
 
     def __init__(self):
         super().__init__()
