@@ -108,14 +108,14 @@ def chunk_rows(tokens: int, chunks: int) -> list[int]:
     return [q + 1] * r + [q] * (chunks - r)
 
 
-def _checkpointed(inner: GraphModule, n_inputs: int) -> GraphModule:
+def _checkpointed(inner: GraphModule, n_inputs: int, n_outputs: int = 1) -> GraphModule:
     """A module calling ``inner`` under activation checkpointing (what Dynamo emits for
     ``torch.utils.checkpoint.checkpoint(fn, ..., use_reentrant=False)``)."""
     g = Graph()
     args = [g.placeholder(f"arg_{i}") for i in range(n_inputs)]
     out = g.call_function(torch.ops.higher_order.tag_activation_checkpoint,
                           (g.get_attr("body"), *args), {"use_reentrant": False})
-    g.output((g.call_function(operator.getitem, (out, 0)),))
+    g.output(tuple(g.call_function(operator.getitem, (out, i)) for i in range(n_outputs)))
     root = torch.nn.Module()
     root.body = inner
     return GraphModule(root, g)

@@ -10,7 +10,9 @@ import dataclasses
 from dataclasses import dataclass
 
 # Names of the passes that exist; the registry in mst_fx.passes must match these.
-KNOWN_PASSES = ("mlp",)
+KNOWN_PASSES = ("mlp", "lm_head")
+LM_HEAD_GRADS = ("forward", "recompute")
+LOGITS = ("keep", "drop")
 
 
 @dataclass(frozen=True)
@@ -31,18 +33,34 @@ class MSTConfig:
             cannot get two chunks is left unchanged (and says so in ``explain``).
         max_chunks: ceiling on M.
         min_expansion: a projection opens a block when out_features >= this x in_features.
+        lm_head_grad: how the vocabulary projection + loss gets its gradients.
+            "forward": each chunk's gradients are computed in the forward, right after its
+            loss (the projection runs once, not twice); used where the loss is one scalar.
+            "recompute": each chunk's logits are recomputed in backward (needed for
+            per-token losses, several loss terms); also the fallback of "forward".
+        logits: what happens to a logits tensor that the graph returns next to the loss
+            in training. "keep": returned, written chunk by chunk in the model's dtype,
+            without gradient (backward through it raises an error that says so).
+            "drop": returned as an empty tensor, saving its tokens x vocab memory (what
+            HF Trainer needs: it reads only the loss in training). Graphs without
+            gradients (inference, evaluation) always keep exact logits.
+        fp32_weight_grad: accumulate the vocabulary projection's weight gradient over the
+            chunks in fp32 when the weight is bf16/fp16 (costs a V x H fp32 buffer).
 
     Example:
         >>> MSTConfig(chunks=8).chunks
         8
     """
 
-    passes: tuple[str, ...] = ("mlp",)
+    passes: tuple[str, ...] = ("mlp", "lm_head")
     chunks: int | None = None
     chunk_bytes: int | None = None
     min_chunk_tokens: int = 1024
     max_chunks: int = 64
     min_expansion: float = 2.0
+    lm_head_grad: str = "forward"
+    logits: str = "keep"
+    fp32_weight_grad: bool = True
 
     def __post_init__(self) -> None:
         if isinstance(self.passes, str) or not isinstance(self.passes, (tuple, list)):
@@ -60,6 +78,13 @@ class MSTConfig:
         if not isinstance(self.min_expansion, (int, float)) or isinstance(self.min_expansion, bool) \
                 or not self.min_expansion > 1:
             raise ValueError(f"MSTConfig.min_expansion must be a number > 1, got {self.min_expansion!r}")
+
+        if self.lm_head_grad not in LM_HEAD_GRADS:
+            raise ValueError(f"MSTConfig.lm_head_grad must be one of {LM_HEAD_GRADS}, got {self.lm_head_grad!r}")
+        if self.logits not in LOGITS:
+            raise ValueError(f"MSTConfig.logits must be one of {LOGITS}, got {self.logits!r}")
+        if not isinstance(self.fp32_weight_grad, bool):
+            raise ValueError(f"MSTConfig.fp32_weight_grad must be a bool, got {self.fp32_weight_grad!r}")
 
     def replace(self, **overrides) -> "MSTConfig":
         """A copy with some fields changed (validated again); unknown names raise ValueError."""

@@ -43,6 +43,8 @@ VIEW_METHODS = {"view", "reshape", "flatten"}
 VIEW_FUNCTIONS = {torch.reshape, torch.flatten}
 SPLIT_METHODS = {"chunk", "split", "tensor_split"}
 SPLIT_FUNCTIONS = {torch.chunk, torch.split, torch.tensor_split}
+# Losses over the classes (vocabulary) of each token; the lm_head pass ends at these.
+LOSS_FUNCTIONS = {F.cross_entropy, F.nll_loss}
 
 
 @dataclass(frozen=True)

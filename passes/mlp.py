@@ -23,7 +23,7 @@ from torch.fx import GraphModule, Node
 from mst_fx.chunking import Body, build_body, chunk_rows, emit_chunk_loop
 from mst_fx.config import MSTConfig
 from mst_fx.report import Region, Report, Skipped
-from mst_fx.tokenwise import (OpInfo, chunk_call, classify, last_dim_only, numel, op_name,
+from mst_fx.tokenwise import (LOSS_FUNCTIONS, OpInfo, chunk_call, classify, last_dim_only, numel, op_name,
                               static_shape, value)
 
 KIND = "mlp"
@@ -31,6 +31,10 @@ KIND = "mlp"
 
 class CantChunk(Exception):
     """Raised inside detection; caught at the pass boundary and turned into a Skipped."""
+
+
+class NotABlock(Exception):
+    """The expanding projection feeds a loss, not a block: another pass's business."""
 
 
 @dataclass
@@ -61,6 +65,8 @@ def detect(gm: GraphModule, config: MSTConfig, checkpointed: bool, where) -> Rep
             region = _plan(data, starts, config, checkpointed, order, where)
             if claimed.intersection(region.plan.nodes):
                 raise CantChunk("overlaps a block found before it (an expansion inside a block)")
+        except NotABlock:
+            continue
         except CantChunk as e:
             report.skipped.append(Skipped(KIND, where(starts), str(e)))
             continue
@@ -88,6 +94,8 @@ def rewrite(gm: GraphModule, region: Region, names: dict[str, tuple[str, str]]) 
 
 def _plan(data: Node, starts: list[Node], config: MSTConfig, checkpointed: bool,
           order: dict[Node, int], where) -> Region:
+    if _feeds_loss(starts):
+        raise NotABlock()
     dv = value(data)
     if dv is None or dv.dim() < 2:
         raise CantChunk("input has no token dims")
@@ -113,6 +121,23 @@ def _plan(data: Node, starts: list[Node], config: MSTConfig, checkpointed: bool,
         plan=MLPPlan(data, nodes, width, checkpointed))
 
 
+def _feeds_loss(starts: list[Node], limit: int = 64) -> bool:
+    """Whether a loss is reached from ``starts`` through ops that are not projections
+    (a vocabulary projection, for the lm_head pass), looking at ``limit`` nodes at most."""
+    queue, seen = list(starts), set(starts)
+    while queue and len(seen) < limit:
+        for u in queue.pop().users:
+            if u in seen:
+                continue
+            if u.op == "call_function" and u.target in LOSS_FUNCTIONS:
+                return True
+            info = classify(u)
+            if info is None or info.kind != "linear":
+                seen.add(u)
+                queue.append(u)
+    return False
+
+
 def _grow(starts: list[Node]) -> tuple[list[Node], Node]:
     """All nodes reachable from ``starts`` up to contracting projections; one end allowed."""
     region, ends, queue = set(starts), [], list(starts)
@@ -124,6 +149,8 @@ def _grow(starts: list[Node]) -> tuple[list[Node], Node]:
             if u.op == "output":
                 raise CantChunk(f"intermediate {n.name} is also an output of the graph")
             info = classify(u)
+            if u.op == "call_function" and u.target in LOSS_FUNCTIONS:
+                raise NotABlock()  # a vocabulary projection: the lm_head pass's
             if info is None:
                 raise CantChunk(f"{op_name(u)} is not token-wise (uses {n.name})")
             if info.kind == "linear":
