@@ -28,14 +28,25 @@ log = logging.getLogger("mst_fx.backend")
 # reads (wrong gradients, seen in tests/test_mlp.py). Buffers are still freed at last use.
 # For the same reason no kernel may write its result in place into such a buffer
 # (inplace_buffers; BERT's residual over the MLP input gave wrong gradients, test_models.py).
+# Bodies that autograd does not differentiate (the lm_head pass's "forward" mode: they get
+# detached inputs and return fresh tensors) have no such alias, so a graph with only those
+# keeps Inductor's buffer reuse.
 #
 # ChunkBarriers (mst_fx.barriers) keeps Inductor from summing the chunks' weight gradients
 # in one kernel after the last chunk.
-def rewrite_inductor_config() -> dict:
+def rewrite_inductor_config(regions=None) -> dict:
     from torch._inductor import config
 
-    return {"allow_buffer_reuse": False, "inplace_buffers": False,
-            "post_grad_custom_post_pass": ChunkBarriers(config.post_grad_custom_post_pass)}
+    patches = {"post_grad_custom_post_pass": ChunkBarriers(config.post_grad_custom_post_pass)}
+    if regions is None or any(_aliases_inputs(r) for r in regions):
+        patches.update(allow_buffer_reuse=False, inplace_buffers=False)
+    return patches
+
+
+def _aliases_inputs(region) -> bool:
+    """Whether the region's chunk bodies are differentiated by autograd (and may return
+    their inputs as saved values)."""
+    return not (region.kind == "lm_head" and getattr(region.plan, "mode", None) == "forward")
 
 
 class MSTBackend:
@@ -61,7 +72,7 @@ class MSTBackend:
         if not applied:
             return compile_fx(gm, example_inputs)
         try:
-            compiled = compile_fx(gm, example_inputs, config_patches=rewrite_inductor_config())
+            compiled = compile_fx(gm, example_inputs, config_patches=rewrite_inductor_config(applied))
         except Exception as e:  # noqa: BLE001
             log.warning("mst_fx: Inductor failed on the rewritten graph, compiling it unchanged: %r", e)
             engine.restore(saved)
