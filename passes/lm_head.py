@@ -188,8 +188,6 @@ def _grow(proj: Node, vocab: int, tokens: int):
     region: set[Node] = set()
     level = {proj: "vocab"}
     exits: dict[Node, Exit] = {}
-    whole: list[Node] = []
-    per_token: list[Node] = []
     queue = [proj]
     while queue:
         n = queue.pop()
@@ -211,15 +209,38 @@ def _grow(proj: Node, vocab: int, tokens: int):
                                 f"{'logits' if level[n] == 'vocab' else 'per-token values'})")
             region.add(u)
             level[u] = lv
-            _outside_inputs(u, region | {proj}, level, vocab, tokens, whole, per_token)
             if lv == "scalar":
                 exits[u] = Exit(u, "scalar", mean)
             else:
                 queue.append(u)
+    # Outside inputs once the region is known (an input reached later by the walk is not
+    # outside). None may depend on the head itself: the loop computes the head at once.
+    whole: list[Node] = []
+    per_token: list[Node] = []
+    inside = region | {proj}
+    for u in [n for n in proj.graph.nodes if n in region]:  # graph order: stable bodies
+        _outside_inputs(u, inside, level, vocab, tokens, whole, per_token)
+    for a in whole + per_token:
+        if _depends_on(a, inside):
+            raise CantChunk(f"{a.name} is computed from the head's own values by an op that is "
+                            f"not token-wise")
     for e in exits.values():
         if e.kind == "logits" and e.node is not proj and value(e.node).shape[-1] != vocab:
             raise CantChunk(f"{e.node.name} is returned with an unexpected shape")
     return region, list(exits.values()), whole, per_token
+
+
+def _depends_on(node: Node, targets: set) -> bool:
+    seen, stack = set(), [node]
+    while stack:
+        n = stack.pop()
+        if n in targets:
+            return True
+        for a in n.all_input_nodes:
+            if a not in seen:
+                seen.add(a)
+                stack.append(a)
+    return False
 
 
 def _head_op(u: Node, src: Node, level: dict, vocab: int, tokens: int):
