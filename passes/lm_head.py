@@ -509,8 +509,10 @@ def _emit_forward(gm: GraphModule, plan: HeadPlan, rest: GraphModule, rows: list
             for t in terms[1:]:
                 s = cursor.fn(operator.add, s, t)
             zero = cursor.fn(operator.sub, s, cursor.method("detach", s))
-            total = cursor.fn(operator.add, total, cursor.method("to", zero, value(outs[0].node).dtype))
-        new = {outs[0].node: _mean(cursor, plan, outs[0], total)}
+            zero = cursor.method("to", zero, value(outs[0].node).dtype)
+            new = {outs[0].node: _mean(cursor, plan, outs[0], total, zero)}
+        else:
+            new = {outs[0].node: _mean(cursor, plan, outs[0], total)}
         for e, b in zip(logits, bufs):
             new[e.node] = _logits_value(cursor, plan, e, b, hd)
     return [new[e.node] for e in plan.exits]
@@ -564,14 +566,22 @@ def _emit_recompute(gm: GraphModule, plan: HeadPlan, rest: GraphModule, rows: li
     return [new[e.node] for e in plan.exits]
 
 
-def _mean(cursor, plan: HeadPlan, e: Exit, total: Node) -> Node:
-    if e.mean is None:
-        return total
-    if isinstance(e.mean, int):
-        return cursor.fn(operator.truediv, total, e.mean)
+def _mean(cursor, plan: HeadPlan, e: Exit, total: Node, zero: Node | None = None) -> Node:
+    """The exit's value from the sum of its chunks; ``zero`` (forward mode) is the exactly
+    zero term that carries the gradients."""
+    if e.mean is None or isinstance(e.mean, int):
+        value_ = total if zero is None else cursor.fn(operator.add, total, zero)
+        return value_ if e.mean is None else cursor.fn(operator.truediv, value_, e.mean)
     _, target, ignore = e.mean
     count = cursor.method("sum", cursor.fn(operator.ne, target, ignore))
-    return cursor.fn(operator.truediv, total, count)
+    mean = cursor.fn(operator.truediv, total, count)
+    if zero is None:
+        return mean
+    # With every label ignored the mean is 0/0 = nan and eager's gradients are zero; the
+    # stored gradients are zero then, and dividing them by 1 keeps them zero (1/0 would
+    # make them nan).
+    return cursor.fn(operator.add, mean,
+                     cursor.fn(operator.truediv, zero, cursor.method("clamp", count, min=1)))
 
 
 def _logits_value(cursor, plan: HeadPlan, e: Exit, buf: Node | None, like: Node) -> Node:

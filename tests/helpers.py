@@ -59,11 +59,12 @@ def check_rewrite(module: torch.nn.Module, inputs, *, expect: dict[str, int],
     got = run_step(torch.compile(compiled_mod, backend=backend), comp_in, kwargs, loss_fn)
 
     tol = TOL[dtype]
-    torch.testing.assert_close(_main(got), _main(ref), **tol)
+    torch.testing.assert_close(_main(got), _main(ref), **tol, equal_nan=True)
     ref_g, got_g = grads_of(eager_mod, eager_in), grads_of(compiled_mod, comp_in)
     assert ref_g.keys() == got_g.keys()
     for name in ref_g:
-        torch.testing.assert_close(got_g[name], ref_g[name], **tol, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(got_g[name], ref_g[name], **tol, equal_nan=True,
+                                   msg=lambda m: f"{name}: {m}")
     applied = {k: v for k, v in counters["mst_fx"].items()}
     assert applied == {k: v for k, v in expect.items() if v}, (applied, str(backend.report))
     return backend

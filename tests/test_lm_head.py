@@ -329,3 +329,13 @@ def test_backward_through_kept_logits_raises():
     assert out.logits.requires_grad
     with pytest.raises(RuntimeError, match="mst_fx"):
         (out.loss + out.logits.float().square().mean()).backward()
+
+
+@pytest.mark.parametrize("mode", ["forward", "recompute"])
+def test_all_labels_ignored_gives_eager_nan_loss_and_zero_gradients(mode):
+    """Mean over zero labels: eager's loss is nan and its gradients are zero; so are ours."""
+    torch.manual_seed(0)
+    h, labels, w = make_inputs()
+    labels.fill_(-100)
+    check_rewrite(Head("ce_mean"), [h, labels, w], expect={"lm_head": 1},
+                  config=mst_fx.MSTConfig(chunks=4, lm_head_grad=mode))
