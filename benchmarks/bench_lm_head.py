@@ -60,22 +60,25 @@ def _cce():
     return lambda module, h, labels: linear_cross_entropy(h, module.weight, labels, ignore_index=-100)
 
 
-def methods(main: bool, chunk_counts):
+def methods(main: bool, chunk_counts, peers=True):
     """(name, kind, payload): kind "module" runs HeadLoss through a backend (None = eager),
     "fn" a peer's function."""
-    yield "eager", "module", None
+    if peers:
+        yield "eager", "module", None
     yield "torch.compile", "module", "inductor"
-    if main:
+    if main and peers:
         yield "torch.compile+auto_chunker", "module", "auto_chunker"
     yield "mst (default)", "module", mst_fx.make_backend()
-    if main:
-        yield "mst bf16 weight-grad", "module", mst_fx.make_backend(fp32_weight_grad=False)
+    yield "mst bf16 weight-grad", "module", mst_fx.make_backend(fp32_weight_grad=False)
+    if main and peers:
         yield "mst recompute", "module", mst_fx.make_backend(lm_head_grad="recompute")
         for name, fn in (("liger", _liger()), ("cut-cross-entropy", _cce())):
             if fn is not None and torch.cuda.is_available():
                 yield name, "fn", fn
     for m in chunk_counts:
         yield f"mst M={m}", "module", mst_fx.make_backend(chunks=m)
+        if main:
+            yield f"mst bf16 M={m}", "module", mst_fx.make_backend(chunks=m, fp32_weight_grad=False)
 
 
 def measure(module, kind, payload, tokens, hidden, vocab, dtype, device, iters):
@@ -130,7 +133,8 @@ def measure(module, kind, payload, tokens, hidden, vocab, dtype, device, iters):
 
 
 def run(hidden=4096, vocab=128256, tokens=(32768,), sweep=(), chunk_counts=(),
-        sweep_chunks=(), dtype="bfloat16", iters=10, out="benchmarks/out/bench_lm_head.csv"):
+        sweep_chunks=(), dtype="bfloat16", iters=10, out="benchmarks/out/bench_lm_head.csv",
+        peers=True):
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dt = getattr(torch, dtype)
     torch.manual_seed(0)
@@ -140,7 +144,7 @@ def run(hidden=4096, vocab=128256, tokens=(32768,), sweep=(), chunk_counts=(),
     plan = [(n, True, chunk_counts) for n in tokens] + [(n, False, sweep_chunks) for n in sweep]
     for n, main, counts in plan:
         floor = (n * hidden + vocab * hidden) * itemsize
-        for name, kind, payload in methods(main, counts):
+        for name, kind, payload in methods(main, counts, peers):
             row = dict(table="main" if main else "sweep", method=name, tokens=n,
                        floor_gb=round(floor / 1e9, 3))
             try:
@@ -199,13 +203,14 @@ def main():
     p.add_argument("--sweep-chunks", type=int, nargs="*", default=[8, 32])
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--out", default="benchmarks/out/bench_lm_head.csv")
+    p.add_argument("--no-peers", action="store_true", help="only torch.compile and mst_fx")
     a = p.parse_args()
     if a.quick:
         run(hidden=64, vocab=1024, tokens=(2048,), sweep=(1024,), chunk_counts=(4,),
             sweep_chunks=(2,), dtype="float32", iters=2, out=a.out)
     else:
         run(tokens=tuple(a.tokens), sweep=tuple(a.sweep), chunk_counts=tuple(a.chunks),
-            sweep_chunks=tuple(a.sweep_chunks), iters=a.iters, out=a.out)
+            sweep_chunks=tuple(a.sweep_chunks), iters=a.iters, out=a.out, peers=not a.no_peers)
 
 
 if __name__ == "__main__":
