@@ -181,7 +181,7 @@ def run(hidden=4096, vocab=128256, tokens=(32768,), sweep=(), chunk_counts=(),
 def paper_layout(rows) -> str:
     """The MsT paper's LM-head tables: one row per method, one column per token count, for
     time (ms) and for working memory over the gradient floor (GB); markdown."""
-    tokens = sorted({r["tokens"] for r in rows})
+    tokens = sorted({r["tokens"] for r in rows}, key=int)
     names = list(dict.fromkeys(r["method"] for r in rows))
     cell = {(r["method"], r["tokens"]): r for r in rows}
     out = []
@@ -197,7 +197,7 @@ def paper_layout(rows) -> str:
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--quick", action="store_true", help="tiny CPU run that checks the script")
-    p.add_argument("--tokens", type=int, nargs="+", default=[32768])
+    p.add_argument("--tokens", type=int, nargs="*", default=[32768])
     p.add_argument("--chunks", type=int, nargs="*", default=[16, 64])
     p.add_argument("--sweep", type=int, nargs="*", default=[1024, 4096, 16384, 32768, 65536, 81920])
     p.add_argument("--sweep-chunks", type=int, nargs="*", default=[8, 32])

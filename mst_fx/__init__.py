@@ -1,8 +1,8 @@
 """mst_fx: a torch.compile backend that trains long sequences in less memory.
 
-It finds token-wise MLP blocks in the captured graph and runs each as a loop over
-mini-sequences of tokens whose intermediates are recomputed in backward (the
-Mini-Sequence Transformer method), then hands the graph to Inductor.
+It finds token-wise MLP blocks and the vocabulary projection + loss in the captured graph
+and runs each as a loop over mini-sequences of tokens whose intermediates are never held
+whole (the Mini-Sequence Transformer method), then hands the graph to Inductor.
 
     import torch, mst_fx
     compiled = torch.compile(model, backend=mst_fx.mst_backend)

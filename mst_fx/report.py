@@ -14,7 +14,7 @@ from typing import Any
 class Region:
     """One block a pass can rewrite (or did rewrite).
 
-    ``kind`` is the pass name ("mlp"; later "lm_head", "attention"); ``where`` the module
+    ``kind`` is the pass name ("mlp", "lm_head"; later "attention"); ``where`` the module
     path when the graph knows it; ``tokens`` the flattened leading dims; ``chunks`` the
     number of mini-sequences; ``bytes_saved`` an estimate of the activation bytes that are
     no longer held for backward; ``detail`` a short shape summary. ``plan`` carries the

@@ -147,6 +147,14 @@ def _plan(proj: Node, info, config: MSTConfig, order: dict, where) -> Region:
     fp32_acc = mode == "forward" and config.fp32_weight_grad and wv is not None \
         and wv.dtype in (torch.bfloat16, torch.float16)
     chunks = _chunk_count(config, tokens, width, vocab, fp32_acc)
+    logits_bytes = tokens * vocab * zv.element_size()
+    if fp32_acc and config.chunks is None and logits_bytes <= 2 * wv.numel() * wv.element_size():
+        # The fp32 buffer costs about twice the weight's bytes beyond the final gradient
+        # (H100, V=128256, H=4096, 4096 tokens: 2.10 GB over the gradients vs 1.05 GB for
+        # plain compile); below that size chunking raises the peak.
+        raise CantChunk(f"logits ({logits_bytes / 2**20:.0f} MiB) are no larger than the fp32 "
+                        f"weight-gradient buffer: chunking would not lower the peak "
+                        f"(fp32_weight_grad=False or chunks=N chunk it)")
     held = tokens * vocab * 4  # fp32 logits (or their gradient): what plain compile holds
     detail = f"{width}->{vocab}, " + ", ".join(_exit_name(e) for e in exits) + f", grad={mode}"
     return Region(

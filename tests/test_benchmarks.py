@@ -21,3 +21,15 @@ def test_bench_mlp_quick(tmp_path):
     assert set(by) == {"eager", "torch.compile", "mst (default)", "mst M=2"}
     assert by["mst M=2"]["chunks"] == "2" and by["torch.compile"]["chunks"] == "-"
     assert (tmp_path / "mlp.csv").read_text().startswith("method,tokens,chunks")
+
+
+def test_bench_lm_head_quick(tmp_path):
+    bench = load("bench_lm_head")
+    rows = bench.run(hidden=64, vocab=1024, tokens=(2048,), sweep=(), chunk_counts=(4,),
+                     dtype="float32", iters=1, out=str(tmp_path / "head.csv"))
+    by = {r["method"]: r for r in rows}
+    assert {"eager", "torch.compile", "mst (default)", "mst recompute", "mst M=4"} <= set(by)
+    assert by["mst M=4"]["chunks"] == "4" and by["torch.compile"]["chunks"] == "-"
+    losses = {r["loss"] for r in rows}
+    assert max(losses) - min(losses) < 1e-4, losses
+    assert (tmp_path / "head.csv").read_text().startswith("table,method,tokens")

@@ -27,7 +27,7 @@ def test_config_is_frozen():
 
 def test_make_backend_overrides():
     backend = mst_fx.make_backend(chunks=8)
-    assert backend.config.chunks == 8 and backend.config.passes == ("mlp",)
+    assert backend.config.chunks == 8 and backend.config.passes == ("mlp", "lm_head")
     base = mst_fx.MSTConfig(min_chunk_tokens=64)
     backend = mst_fx.make_backend(base, max_chunks=4)
     assert (backend.config.min_chunk_tokens, backend.config.max_chunks) == (64, 4)
@@ -41,3 +41,14 @@ def test_passes_package_is_importable():
     from mst_fx.passes import PASSES, mlp
 
     assert PASSES["mlp"] is mlp and mlp.KIND == "mlp"
+
+
+@pytest.mark.parametrize("field,bad", [("lm_head_grad", "backward"), ("logits", "none"),
+                                       ("fp32_weight_grad", 1)])
+def test_lm_head_fields_are_validated(field, bad):
+    with pytest.raises(ValueError, match=field):
+        mst_fx.MSTConfig(**{field: bad})
+
+
+def test_passes_can_leave_the_head_alone():
+    assert mst_fx.MSTConfig(passes=("mlp",)).passes == ("mlp",)

@@ -339,3 +339,17 @@ def test_all_labels_ignored_gives_eager_nan_loss_and_zero_gradients(mode):
     labels.fill_(-100)
     check_rewrite(Head("ce_mean"), [h, labels, w], expect={"lm_head": 1},
                   config=mst_fx.MSTConfig(chunks=4, lm_head_grad=mode))
+
+
+def test_bf16_head_with_few_tokens_is_left_alone_when_fp32_buffer_would_cost_more():
+    """The fp32 weight-gradient buffer costs about twice the bf16 weight; when the logits
+    are no larger, the default leaves the head to Inductor and says why."""
+    h, labels, w = make_inputs(torch.bfloat16, shape=(2, 30))  # 60 tokens x 160 < 2 x 160 x 32
+    head = Head("ce_mean").to(torch.bfloat16)
+    report = mst_fx.explain(head, h, labels, w, config=mst_fx.MSTConfig(min_chunk_tokens=8))
+    assert not report.regions
+    assert "fp32 weight-gradient buffer" in report.skipped[0].reason
+    torch._dynamo.reset()
+    report = mst_fx.explain(head, h, labels, w,
+                            config=mst_fx.MSTConfig(min_chunk_tokens=8, fp32_weight_grad=False))
+    assert [r.kind for r in report.regions] == ["lm_head"]
