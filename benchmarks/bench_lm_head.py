@@ -21,9 +21,7 @@ from __future__ import annotations
 import argparse
 import csv
 import os
-import statistics
 import sys
-import time
 
 import torch
 import torch.nn as nn
@@ -31,7 +29,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import mst_fx  # noqa: E402
-from mst_fx.memory import peak_bytes  # noqa: E402
+from mst_fx.memory import median_ms, peak_bytes  # noqa: E402
 
 
 class HeadLoss(nn.Module):
@@ -109,19 +107,7 @@ def measure(module, kind, payload, tokens, hidden, vocab, dtype, device, iters):
 
     for _ in range(2):
         step()
-    times = []
-    for _ in range(iters):
-        if device == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            step()
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            step()
-            times.append((time.perf_counter() - t0) * 1e3)
+    ms = median_ms(step, iters, device)
     h.grad = None
     module.weight.grad = None
     extra = peak_bytes(step, device)
@@ -129,7 +115,7 @@ def measure(module, kind, payload, tokens, hidden, vocab, dtype, device, iters):
     if isinstance(payload, mst_fx.MSTBackend):
         heads = [r for r in payload.report.regions if r.kind == "lm_head"]
         chunks = str(heads[0].chunks) if heads else "none"
-    return statistics.median(times), extra, chunks, float(losses[-1])
+    return ms, extra, chunks, float(losses[-1])
 
 
 def run(hidden=4096, vocab=128256, tokens=(32768,), sweep=(), chunk_counts=(),

@@ -18,9 +18,7 @@ from __future__ import annotations
 import argparse
 import csv
 import os
-import statistics
 import sys
-import time
 
 import torch
 import torch.nn as nn
@@ -28,7 +26,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import mst_fx  # noqa: E402
-from mst_fx.memory import peak_bytes  # noqa: E402
+from mst_fx.memory import median_ms, peak_bytes  # noqa: E402
 
 
 class SwiGLU(nn.Module):
@@ -64,19 +62,7 @@ def measure(module, backend, tokens, hidden, dtype, device, iters):
 
     for _ in range(2):
         step()
-    times = []
-    for _ in range(iters):
-        if device == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            step()
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            step()
-            times.append((time.perf_counter() - t0) * 1e3)
+    ms = median_ms(step, iters, device)
     x.grad = None
     for p in module.parameters():
         p.grad = None
@@ -84,7 +70,7 @@ def measure(module, backend, tokens, hidden, dtype, device, iters):
     chunks = "-"
     if isinstance(backend, mst_fx.MSTBackend) and backend.report.regions:
         chunks = str(backend.report.regions[0].chunks)
-    return statistics.median(times), extra, chunks
+    return ms, extra, chunks
 
 
 def run(hidden=4096, inter=14336, tokens=(16384, 65536), chunk_counts=(2, 4, 8),

@@ -102,6 +102,17 @@ def emit_chunk_loop(owner: GraphModule, data: Node, end: Node, bodies: list[tupl
     return result
 
 
+def bounded_chunks(config, tokens: int, natural: int) -> tuple[int, str]:
+    """M for a region of ``tokens`` whose pass would pick ``natural`` chunks: the config's
+    fixed ``chunks`` if set, else ``natural`` capped by ``max_chunks`` and by
+    ``tokens // min_chunk_tokens``. With it, the reason to give when M < 2."""
+    if config.chunks is not None:
+        return (min(config.chunks, tokens),
+                f"chunks={config.chunks} with {tokens} tokens: nothing to split")
+    return (min(natural, config.max_chunks, tokens // config.min_chunk_tokens),
+            f"{tokens} tokens give fewer than 2 chunks of min_chunk_tokens={config.min_chunk_tokens}")
+
+
 def chunk_rows(tokens: int, chunks: int) -> list[int]:
     """Row counts of ``tensor_split(tokens, chunks)``: the first ``tokens % chunks`` get one more."""
     q, r = divmod(tokens, chunks)

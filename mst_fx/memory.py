@@ -1,4 +1,5 @@
-"""Peak memory of one call, on CPU (torch.profiler) or GPU (CUDA allocator statistics).
+"""Peak memory of one call, on CPU (torch.profiler) or GPU (CUDA allocator statistics),
+and the median time of a step (for the benchmarks).
 
 CPU: the profiler records every allocation and free as a "[memory]" event with a byte
 delta; the peak is the maximum of their running sum, i.e. the most bytes allocated at once
@@ -8,6 +9,8 @@ GPU: torch.cuda.max_memory_allocated over the call, minus what was allocated bef
 
 from __future__ import annotations
 
+import statistics
+import time
 from typing import Callable
 
 import torch
@@ -33,3 +36,21 @@ def peak_bytes(step: Callable[[], object], device: str = "cpu") -> int:
         current += e.nbytes()
         peak = max(peak, current)
     return peak
+
+
+def median_ms(step: Callable[[], object], iters: int, device: str = "cpu") -> float:
+    """Median wall time of ``step()`` in ms over ``iters`` calls (CUDA events on GPU)."""
+    times = []
+    for _ in range(iters):
+        if device.startswith("cuda"):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            step()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            step()
+            times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)

@@ -139,17 +139,17 @@ def last_dim_only(node: Node, info: OpInfo) -> str | None:
             return f"{_name(node)} changes the feature dim or dtype"
         return None
     if info.kind == "dropout":
-        p = _arg(node, 1, "p", 0.5)
-        training = _arg(node, 2, "training", True)
+        p = arg_of(node, 1, "p", 0.5)
+        training = arg_of(node, 2, "training", True)
         if training and p != 0:
             return f"dropout p={p} in training: the recomputed chunk would draw a different mask"
         return None
     if info.kind == "split":
-        dim = _arg(node, 2, "dim", 0)
+        dim = arg_of(node, 2, "dim", 0)
         return None if _is_last(dim, src) else f"{_name(node)} splits dim {dim}, not the feature dim"
     if info.kind == "slice":
         if node.target in (torch.narrow, "narrow"):
-            dim = _arg(node, 1, "dim", 0)
+            dim = arg_of(node, 1, "dim", 0)
             return None if _is_last(dim, src) else f"narrow over dim {dim}, not the feature dim"
         return None if _feature_index(node.args[1], src.dim()) is not None else \
             f"indexing {node.args[1]!r} touches token dims"
@@ -185,7 +185,7 @@ def chunk_call(node: Node, info: OpInfo):
     return (node.op, node.target, node.args, node.kwargs)
 
 
-def _arg(node: Node, pos: int, name: str, default):
+def arg_of(node: Node, pos: int, name: str, default=None):
     """An argument of a torch call or tensor method (methods count self as args[0])."""
     if name in node.kwargs:
         return node.kwargs[name]

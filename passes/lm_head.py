@@ -40,10 +40,10 @@ import torch.nn.functional as F
 from torch.fx import Graph, GraphModule, Node
 from torch.fx.node import map_arg
 
-from mst_fx.chunking import _checkpointed, chunk_rows
+from mst_fx.chunking import _checkpointed, bounded_chunks, chunk_rows
 from mst_fx.config import MSTConfig
 from mst_fx.report import Region, Report, Skipped
-from mst_fx.tokenwise import (LOSS_FUNCTIONS, chunk_call, classify, last_dim_only, numel,
+from mst_fx.tokenwise import (LOSS_FUNCTIONS, arg_of, chunk_call, classify, last_dim_only, numel,
                               op_name, static_shape, value)
 
 KIND = "lm_head"
@@ -54,6 +54,9 @@ ROWWISE_METHODS = {"log_softmax", "softmax"}
 REDUCE_FUNCTIONS = {torch.sum: "sum", torch.mean: "mean"}
 REDUCE_METHODS = {"sum": "sum", "mean": "mean"}
 INVOKE = torch.ops.higher_order.invoke_subgraph
+# F.cross_entropy's parameters in order (F.nll_loss's are the same, without the last).
+LOSS_PARAMS = ["input", "target", "weight", "size_average", "ignore_index", "reduce", "reduction",
+               "label_smoothing"]
 
 
 class CantChunk(Exception):
@@ -268,7 +271,7 @@ def _head_op(u: Node, src: Node, level: dict, vocab: int, tokens: int):
             raise CantChunk(f"{op_name(u)} on {value(src).dim()}-D logits (classes not last)")
         if reduction == "none":
             return "tokens", None
-        mean = ("count", _arg(u, 1, "target"), ignore) if reduction == "mean" else None
+        mean = ("count", arg_of(u, 1, "target"), ignore) if reduction == "mean" else None
         return "scalar", mean
     is_sum = (u.op == "call_function" and u.target in REDUCE_FUNCTIONS) or \
         (u.op == "call_method" and u.target in REDUCE_METHODS)
@@ -278,15 +281,15 @@ def _head_op(u: Node, src: Node, level: dict, vocab: int, tokens: int):
         op = REDUCE_FUNCTIONS.get(u.target) or REDUCE_METHODS.get(u.target)
         return "scalar", (numel(tuple(value(src).shape)) if op == "mean" else None)
     if _is_rowwise(u):
-        dim = _arg(u, 1, "dim")
+        dim = arg_of(u, 1, "dim")
         if src_level != "vocab" or dim not in (-1, value(src).dim() - 1):
             return None, None
         return "vocab", None
     if (u.op == "call_function" and u.target is torch.logsumexp) or \
             (u.op == "call_method" and u.target == "logsumexp"):
-        dim = _arg(u, 1, "dim")
+        dim = arg_of(u, 1, "dim")
         dim = dim[0] if isinstance(dim, (tuple, list)) and len(dim) == 1 else dim
-        if src_level != "vocab" or dim not in (-1, value(src).dim() - 1) or _arg(u, 2, "keepdim", False):
+        if src_level != "vocab" or dim not in (-1, value(src).dim() - 1) or arg_of(u, 2, "keepdim", False):
             return None, None
         return "tokens", None
     info = classify(u)
@@ -315,9 +318,7 @@ def _is_rowwise(u: Node) -> bool:
 
 
 def _loss_args(u: Node):
-    names = ["input", "target", "weight", "size_average", "ignore_index", "reduce", "reduction",
-             "label_smoothing"]
-    got = dict(zip(names, u.args))
+    got = dict(zip(LOSS_PARAMS, u.args))
     got.update(u.kwargs)
     if got.get("weight") is not None:
         raise CantChunk(f"{op_name(u)} with class weights")
@@ -327,12 +328,6 @@ def _loss_args(u: Node):
     if not isinstance(reduction, str) or not isinstance(got.get("ignore_index", -100), int):
         raise CantChunk(f"{op_name(u)}: reduction or ignore_index is not a constant")
     return reduction, got.get("ignore_index", -100)
-
-
-def _arg(node: Node, pos: int, name: str, default=None):
-    if name in node.kwargs:
-        return node.kwargs[name]
-    return node.args[pos] if len(node.args) > pos else default
 
 
 def _outside_inputs(u: Node, region: set, level: dict, vocab: int, tokens: int,
@@ -359,25 +354,19 @@ def _outside_inputs(u: Node, region: set, level: dict, vocab: int, tokens: int,
 
 
 def _chunk_count(config: MSTConfig, tokens: int, width: int, vocab: int, fp32_acc: bool) -> int:
-    if config.chunks is not None:
-        chunks = min(config.chunks, tokens)
-        if chunks < 2:
-            raise CantChunk(f"chunks={config.chunks} with {tokens} tokens: nothing to split")
-        return chunks
     if config.chunk_bytes is not None:
-        chunks = math.ceil(tokens * vocab * 4 / config.chunk_bytes)
+        natural = math.ceil(tokens * vocab * 4 / config.chunk_bytes)
     elif fp32_acc:
         # The fp32 weight-gradient buffer (V x H x 4 bytes) is held anyway; a chunk's logits
         # and their gradient (2 x n x V in the model's dtype) as large as the weight cost no
         # more peak, and fewer chunks mean fewer passes over that buffer (H100, H=4096,
         # V=128256, 32k tokens: M=16 167 ms vs M=32 188 ms, same peak).
-        chunks = math.ceil(2 * tokens / width)
+        natural = math.ceil(2 * tokens / width)
     else:  # MsT: a chunk's logits about the size of the head's input
-        chunks = math.ceil(vocab / width)
-    chunks = min(chunks, config.max_chunks, tokens // config.min_chunk_tokens)
+        natural = math.ceil(vocab / width)
+    chunks, too_few = bounded_chunks(config, tokens, natural)
     if chunks < 2:
-        raise CantChunk(f"{tokens} tokens give fewer than 2 chunks of min_chunk_tokens="
-                        f"{config.min_chunk_tokens}")
+        raise CantChunk(too_few)
     return chunks
 
 
@@ -432,9 +421,7 @@ def _chunk_node(g: Graph, n: Node, env: dict, scalar_exit: bool) -> Node:
     m = lambda a: map_arg(a, env.__getitem__)  # noqa: E731
     if n.op == "call_function" and n.target in LOSS_FUNCTIONS:
         kwargs = dict(n.kwargs)
-        names = ["input", "target", "weight", "size_average", "ignore_index", "reduce",
-                 "reduction", "label_smoothing"]
-        for k, a in zip(names[2:], n.args[2:]):
+        for k, a in zip(LOSS_PARAMS[2:], n.args[2:]):
             kwargs[k] = a
         kwargs["reduction"] = "sum" if scalar_exit else "none"
         return g.call_function(n.target, (m(n.args[0]), m(n.args[1])), m(kwargs))

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 from torch.fx import GraphModule, Node
 
-from mst_fx.chunking import Body, build_body, chunk_rows, emit_chunk_loop
+from mst_fx.chunking import Body, bounded_chunks, build_body, chunk_rows, emit_chunk_loop
 from mst_fx.config import MSTConfig
 from mst_fx.report import Region, Report, Skipped
 from mst_fx.tokenwise import (LOSS_FUNCTIONS, OpInfo, chunk_call, classify, last_dim_only, numel, op_name,
@@ -222,19 +222,15 @@ def _weight_bytes(nodes: list[Node]) -> int:
 
 def _chunk_count(config: MSTConfig, tokens: int, expanded: int, width: int, held: int,
                  weights: int) -> int:
-    if config.chunks is not None:
-        chunks = min(config.chunks, tokens)
-        if chunks < 2:
-            raise CantChunk(f"chunks={config.chunks} with {tokens} tokens: nothing to split")
-        return chunks
     if config.chunk_bytes is not None:
-        chunks = math.ceil(held / config.chunk_bytes)
+        natural = math.ceil(held / config.chunk_bytes)
     else:  # MsT: a chunk's intermediates about the size of the block's input
-        chunks = math.ceil(expanded / width)
-    chunks = min(chunks, config.max_chunks, tokens // config.min_chunk_tokens)
+        natural = math.ceil(expanded / width)
+    chunks, too_few = bounded_chunks(config, tokens, natural)
     if chunks < 2:
-        raise CantChunk(f"{tokens} tokens give fewer than 2 chunks of min_chunk_tokens="
-                        f"{config.min_chunk_tokens}")
+        raise CantChunk(too_few)
+    if config.chunks is not None:
+        return chunks
     # Each chunk's backward makes its own partial gradient of every weight, so chunking
     # costs about the block's weight bytes; below that it saves nothing (H100, Llama-3-8B
     # MLP, 4096 tokens: 0.89 GB chunked vs 0.62 GB plain compile).
