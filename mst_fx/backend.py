@@ -29,8 +29,8 @@ log = logging.getLogger("mst_fx.backend")
 # For the same reason no kernel may write its result in place into such a buffer
 # (inplace_buffers; BERT's residual over the MLP input gave wrong gradients, test_models.py).
 # Bodies that autograd does not differentiate (the lm_head pass's "forward" mode: they get
-# detached inputs and return fresh tensors) have no such alias, so a graph with only those
-# keeps Inductor's buffer reuse.
+# detached inputs and return fresh tensors) have no such alias, and the attention pass adds
+# no chunk bodies, so a graph with only those keeps Inductor's buffer reuse.
 #
 # ChunkBarriers (mst_fx.barriers) keeps Inductor from summing the chunks' weight gradients
 # in one kernel after the last chunk.
@@ -46,20 +46,30 @@ def rewrite_inductor_config(regions=None) -> dict:
 def _aliases_inputs(region) -> bool:
     """Whether the region's chunk bodies are differentiated by autograd (and may return
     their inputs as saved values)."""
-    return not (region.kind == "lm_head" and getattr(region.plan, "mode", None) == "forward")
+    if region.kind == "lm_head":
+        return getattr(region.plan, "mode", None) != "forward"
+    return region.kind == "mlp"
 
 
 class MSTBackend:
     """A torch.compile backend for one MSTConfig. ``reports`` holds one Report per graph
-    compiled, in order (a model with graph breaks gives several)."""
+    compiled, in order (a model with graph breaks gives several).
 
-    def __init__(self, config: MSTConfig | None = None):
+    ``compiler`` is what the rewritten graph goes to: Inductor's compile_fx by default;
+    ``aot_eager_compiler`` runs it through AOTAutograd with eager kernels instead (for
+    debugging a rewrite apart from Inductor's kernels; the tests use it to check the
+    flex_attention rewrite on CPU, where Inductor has no flex backward).
+    """
+
+    def __init__(self, config: MSTConfig | None = None, compiler=None):
         self.config = config if config is not None else MSTConfig()
+        self.compiler = compiler
         self.reports: list[Report] = []
 
     def __call__(self, gm: torch.fx.GraphModule, example_inputs):
-        from torch._inductor.compile_fx import compile_fx
+        from torch._inductor.compile_fx import compile_fx as inductor
 
+        compile_fx = self.compiler or inductor
         saved = engine.snapshot(gm)
         try:
             report = engine.rewrite(gm, self.config)
@@ -76,9 +86,11 @@ class MSTBackend:
         except Exception as e:  # noqa: BLE001
             log.warning("mst_fx: Inductor failed on the rewritten graph, compiling it unchanged: %r", e)
             engine.restore(saved)
+            why = repr(e)
+            why = why if len(why) <= 300 else why[:300] + " ..."
             for r in applied:
                 r.applied = False
-                report.skipped.append(Skipped(r.kind, r.where, f"Inductor failed on the rewrite: {e!r}"))
+                report.skipped.append(Skipped(r.kind, r.where, f"Inductor failed on the rewrite: {why}"))
             return compile_fx(gm, example_inputs)
         for r in applied:
             counters["mst_fx"][r.kind] += 1
@@ -153,15 +165,24 @@ def engine_failure(gm, config: MSTConfig, reason: str) -> Report:
     return report
 
 
-def make_backend(config: MSTConfig | None = None, **overrides) -> MSTBackend:
-    """A backend for ``config`` with some fields overridden.
+def make_backend(config: MSTConfig | None = None, *, compiler=None, **overrides) -> MSTBackend:
+    """A backend for ``config`` with some fields overridden (``compiler``: see MSTBackend).
 
     Example:
         >>> backend = make_backend(chunks=8)
         >>> compiled = torch.compile(model, backend=backend)
     """
     config = config if config is not None else MSTConfig()
-    return MSTBackend(config.replace(**overrides) if overrides else config)
+    return MSTBackend(config.replace(**overrides) if overrides else config, compiler)
+
+
+def aot_eager_compiler(gm: torch.fx.GraphModule, example_inputs, config_patches=None):
+    """AOTAutograd (forward and backward graphs) with eager kernels: a compiler for
+    MSTBackend that checks a rewrite without Inductor. ``config_patches`` is ignored."""
+    from functorch.compile import make_boxed_func
+    from torch._dynamo.backends.common import aot_autograd
+
+    return aot_autograd(fw_compiler=lambda g, _: make_boxed_func(g.forward))(gm, example_inputs)
 
 
 def mst_backend(gm: torch.fx.GraphModule, example_inputs):

@@ -10,9 +10,10 @@ import dataclasses
 from dataclasses import dataclass
 
 # Names of the passes that exist; the registry in mst_fx.passes must match these.
-KNOWN_PASSES = ("mlp", "lm_head")
+KNOWN_PASSES = ("mlp", "lm_head", "attention")
 LM_HEAD_GRADS = ("forward", "recompute")
 LOGITS = ("keep", "drop")
+FLEX_ATTENTION = ("cuda", "all", "off")
 
 
 @dataclass(frozen=True)
@@ -46,13 +47,18 @@ class MSTConfig:
             gradients (inference, evaluation) always keep exact logits.
         fp32_weight_grad: accumulate the vocabulary projection's weight gradient over the
             chunks in fp32 when the weight is bf16/fp16 (costs a V x H fp32 buffer).
+        flex_attention: where the attention pass turns a mask it cannot drop (packing,
+            padding, sliding window) into flex_attention. "cuda": on CUDA devices only
+            (torch's CPU flex kernel has no backward, and gave wrong values at some
+            lengths in torch 2.13); "all": on every device; "off": never (causal masks
+            are still dropped).
 
     Example:
         >>> MSTConfig(chunks=8).chunks
         8
     """
 
-    passes: tuple[str, ...] = ("mlp", "lm_head")
+    passes: tuple[str, ...] = ("mlp", "lm_head", "attention")
     chunks: int | None = None
     chunk_bytes: int | None = None
     min_chunk_tokens: int = 1024
@@ -61,6 +67,7 @@ class MSTConfig:
     lm_head_grad: str = "forward"
     logits: str = "keep"
     fp32_weight_grad: bool = True
+    flex_attention: str = "cuda"
 
     def __post_init__(self) -> None:
         if isinstance(self.passes, str) or not isinstance(self.passes, (tuple, list)):
@@ -83,6 +90,9 @@ class MSTConfig:
             raise ValueError(f"MSTConfig.lm_head_grad must be one of {LM_HEAD_GRADS}, got {self.lm_head_grad!r}")
         if self.logits not in LOGITS:
             raise ValueError(f"MSTConfig.logits must be one of {LOGITS}, got {self.logits!r}")
+        if self.flex_attention not in FLEX_ATTENTION:
+            raise ValueError(f"MSTConfig.flex_attention must be one of {FLEX_ATTENTION}, "
+                             f"got {self.flex_attention!r}")
         if not isinstance(self.fp32_weight_grad, bool):
             raise ValueError(f"MSTConfig.fp32_weight_grad must be a bool, got {self.fp32_weight_grad!r}")
 

@@ -14,7 +14,7 @@ from typing import Any
 class Region:
     """One block a pass can rewrite (or did rewrite).
 
-    ``kind`` is the pass name ("mlp", "lm_head"; later "attention"); ``where`` the module
+    ``kind`` is the pass name ("mlp", "lm_head", "attention"); ``where`` the module
     path when the graph knows it; ``tokens`` the flattened leading dims; ``chunks`` the
     number of mini-sequences; ``bytes_saved`` an estimate of the activation bytes that are
     no longer held for backward; ``detail`` a short shape summary. ``plan`` carries the
@@ -53,7 +53,8 @@ class Report:
         lines = [f"mst_fx: {len(self.regions)} region(s) to chunk, {len(self.skipped)} skipped"]
         if self.regions:
             rows = [("kind", "where", "tokens", "chunks", "est. saved", "shapes")]
-            rows += [(r.kind, r.where, str(r.tokens), str(r.chunks), _mib(r.bytes_saved), r.detail)
+            rows += [(r.kind, r.where, str(r.tokens), str(r.chunks) if r.chunks else "-",
+                      _mib(r.bytes_saved), r.detail)
                      for r in self.regions]
             lines += _table(rows)
         if self.skipped:

@@ -6,6 +6,6 @@ Every pass module has the same surface:
     rewrite(gm, region, names) -> None                  (applies one detected Region).
 """
 
-from mst_fx.passes import lm_head, mlp
+from mst_fx.passes import attention, lm_head, mlp
 
-PASSES = {mlp.KIND: mlp, lm_head.KIND: lm_head}
+PASSES = {mlp.KIND: mlp, lm_head.KIND: lm_head, attention.KIND: attention}

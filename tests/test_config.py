@@ -27,7 +27,7 @@ def test_config_is_frozen():
 
 def test_make_backend_overrides():
     backend = mst_fx.make_backend(chunks=8)
-    assert backend.config.chunks == 8 and backend.config.passes == ("mlp", "lm_head")
+    assert backend.config.chunks == 8 and backend.config.passes == ("mlp", "lm_head", "attention")
     base = mst_fx.MSTConfig(min_chunk_tokens=64)
     backend = mst_fx.make_backend(base, max_chunks=4)
     assert (backend.config.min_chunk_tokens, backend.config.max_chunks) == (64, 4)

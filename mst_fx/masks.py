@@ -1,0 +1,612 @@
+"""Attention masks built inside the graph, read back as functions of (batch, head, q, kv).
+
+Hugging Face models (and hand-written ones) build the boolean mask they give to
+scaled_dot_product_attention from index ranges: an arange along q and one along kv,
+broadcast against each other, compared, and combined with per-token tensors looked up by
+those indices (position ids, document ids of packed sequences, padding masks). Such a mask
+is an elementwise function of the four indices, which is what flex_attention calls a
+``mask_mod``.
+
+    extract(mask node, sizes) -> MaskMod: the function copied out of the graph as
+        module(b, h, q, kv, *buffers) -> bool, with the per-token tensors it reads as
+        buffers (graph values passed in); NotAMaskMod(reason) when the mask is not of
+        that form (it reads an S x S tensor, an op that mixes positions, ...).
+    prove(mask_mod, sizes) -> Verdict: whether that function is exactly the causal mask
+        (kv <= q) or always true, decided without evaluating the S x S mask: buffers that
+        depend on no graph input are evaluated (they are O(S)), index arithmetic is tracked
+        as integer affine expressions in q and kv, and a conjunction of conditions on
+        q - kv as an interval.
+"""
+
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass
+
+import torch
+from torch.fx import Graph, GraphModule, Node
+
+from mst_fx.tokenwise import value
+
+AXES = ("b", "h", "q", "kv")
+
+# Elementwise ops that may appear between the index ranges and the mask. Copied as they are
+# into the mask_mod, where every tensor is a 0-d value of one (b, h, q, kv) element.
+ELEMENTWISE_FUNCTIONS = {
+    operator.le, operator.lt, operator.ge, operator.gt, operator.eq, operator.ne,
+    operator.and_, operator.or_, operator.xor, operator.invert, operator.not_,
+    operator.add, operator.sub, operator.mul, operator.floordiv, operator.mod, operator.neg,
+    operator.abs,
+    torch.le, torch.lt, torch.ge, torch.gt, torch.eq, torch.ne, torch.logical_and,
+    torch.logical_or, torch.logical_not, torch.logical_xor, torch.bitwise_and,
+    torch.bitwise_or, torch.bitwise_not, torch.add, torch.sub, torch.mul, torch.abs,
+    torch.remainder, torch.floor_divide, torch.where, torch.minimum, torch.maximum,
+}
+ELEMENTWISE_METHODS = {
+    "le", "lt", "ge", "gt", "eq", "ne", "logical_and", "logical_or", "logical_not",
+    "bitwise_and", "bitwise_or", "bitwise_not", "add", "sub", "mul", "abs", "remainder",
+    "to", "bool", "long", "int", "float", "contiguous", "clone",
+    "__and__", "__or__", "__invert__",
+}
+# Ops that only add, drop or broadcast size-1 dims: the identity on one element.
+PLACEMENT_METHODS = {"unsqueeze", "view", "reshape", "expand", "expand_as"}
+PLACEMENT_FUNCTIONS = {torch.unsqueeze, torch.reshape}
+
+
+class NotAMaskMod(Exception):
+    """The mask is not an elementwise function of index ranges and per-token tensors."""
+
+
+@dataclass
+class MaskMod:
+    """A mask read back from the graph.
+
+    ``module(b, h, q, kv, *buffers)`` returns the mask's element (a 0-d bool tensor);
+    ``buffers`` are the graph values it reads, in argument order; ``uses`` which of
+    b, h, q, kv it depends on.
+    """
+
+    module: GraphModule
+    buffers: list[Node]
+    uses: frozenset[str]
+
+
+def mask_sizes(mask: Node, q: Node, k: Node) -> dict[str, int]:
+    """The sizes of the four axes of scaled_dot_product_attention(q, k, ..., attn_mask=mask)."""
+    qv, kv = value(q), value(k)
+    if qv is None or kv is None or qv.dim() != 4 or kv.dim() != 4:
+        raise NotAMaskMod("query/key are not 4-D [batch, heads, tokens, dim]")
+    sizes = {"b": qv.shape[0], "h": qv.shape[1], "q": qv.shape[2], "kv": kv.shape[2]}
+    if not all(isinstance(s, int) for s in sizes.values()):
+        raise NotAMaskMod("symbolic sequence length (dynamic shapes)")
+    return sizes
+
+
+def extract(mask: Node, sizes: dict[str, int]) -> MaskMod:
+    """The mask_mod that computes ``mask`` element by element; raises NotAMaskMod."""
+    mv = value(mask)
+    if mv is None or mv.dtype != torch.bool:
+        raise NotAMaskMod("not a boolean mask (an additive float mask is left as it is)")
+    if mv.dim() > 4:
+        raise NotAMaskMod(f"mask of rank {mv.dim()}")
+    return _Extractor(sizes).run(mask, _aligned(mv.shape, AXES[4 - mv.dim():], sizes))
+
+
+class _Extractor:
+    def __init__(self, sizes: dict[str, int]):
+        self.sizes = sizes
+        self.g = Graph()
+        self.index = {a: self.g.placeholder(a) for a in AXES}
+        self.buffers: list[Node] = []
+        self.buffer_ph: dict[Node, Node] = {}
+        self.memo: dict[tuple[Node, tuple], object] = {}
+        self.derived: dict[Node, bool] = {}
+        self.used: set[str] = set()
+
+    def run(self, mask: Node, bind: tuple) -> MaskMod:
+        out = self.emit(mask, bind)
+        if not isinstance(out, Node):
+            raise NotAMaskMod("the mask is a constant")
+        self.g.output(out)
+        module = GraphModule(torch.nn.Module(), self.g)
+        return MaskMod(module, self.buffers, frozenset(self.used))
+
+    # Which nodes depend on an index range; the others are buffers computed outside.
+    def index_derived(self, n) -> bool:
+        if not isinstance(n, Node):
+            return False
+        if n not in self.derived:
+            self.derived[n] = False  # cycles cannot happen in a graph; this only memoizes
+            self.derived[n] = _is_arange(n) or any(
+                self.index_derived(a) for a in _node_args(n))
+        return self.derived[n]
+
+    def emit(self, n, bind: tuple):
+        """The mask_mod value of graph value ``n``, whose dims are bound to the axes in
+        ``bind`` (None: a size-1 dim)."""
+        if not isinstance(n, Node):
+            if isinstance(n, (list, tuple)):
+                raise NotAMaskMod("a list of tensors inside the mask")
+            return n
+        key = (n, bind)
+        if key not in self.memo:
+            self.memo[key] = self._emit(n, bind)
+        return self.memo[key]
+
+    def _emit(self, n: Node, bind: tuple):
+        v = value(n)
+        if not isinstance(v, torch.Tensor):
+            raise NotAMaskMod(f"{_name(n)} is not a tensor")
+        if not self.index_derived(n):
+            return self.lookup(n, bind)
+        if _is_arange(n):
+            return self.arange(n, bind)
+        if n.op == "call_method" and n.target in ("new_ones", "new_zeros") and v.dim() == 0:
+            one = n.target == "new_ones"  # a constant; its tensor argument gives only dtype/device
+            return one if v.dtype == torch.bool else (int(one) if not v.is_floating_point() else float(one))
+        if _is_advanced_index(n):
+            return self.advanced_index(n, bind)
+        dims = _placement(n)
+        if dims is not None:
+            src = n.args[0]
+            sv = value(src)
+            inner = tuple(None if sv.shape[i] == 1 or d is None else bind[d] for i, d in enumerate(dims))
+            return self.emit(src, inner)
+        if _is_elementwise(n):
+            args = [self.emit_operand(a, bind, v) for a in n.args]
+            kwargs = {k: self.emit_operand(a, bind, v) for k, a in n.kwargs.items()}
+            return self.g.create_node(n.op, n.target, tuple(args), kwargs)
+        try:  # computed from the index ranges by other ops (a cumsum, ...): read its values
+            return self.lookup(n, bind)
+        except NotAMaskMod:
+            raise NotAMaskMod(f"{_name(n)} is not elementwise over the mask's positions") from None
+
+    def emit_operand(self, a, bind: tuple, out: torch.Tensor):
+        if isinstance(a, Node) and isinstance(value(a), torch.Tensor):
+            return self.emit(a, _broadcast_bind(value(a).shape, bind))
+        if isinstance(a, Node):
+            raise NotAMaskMod(f"{_name(a)} is not a tensor")
+        if isinstance(a, (list, tuple)) and any(isinstance(x, Node) for x in a):
+            raise NotAMaskMod("a list of tensors inside the mask")
+        return a
+
+    def arange(self, n: Node, bind: tuple):
+        start, step = _arange_start_step(n)
+        (axis,) = bind
+        if axis is None:  # a length-1 range broadcast: its only value
+            return start
+        self.used.add(axis)
+        x = self.index[axis]
+        if step != 1:
+            x = self.g.call_function(operator.mul, (x, step))
+        if start != 0:
+            x = self.g.call_function(operator.add, (x, start))
+        return x
+
+    def advanced_index(self, n: Node, bind: tuple):
+        table, idx = n.args
+        idx = idx if isinstance(idx, tuple) else (idx,)
+        tv = value(table)
+        if len(idx) != tv.dim():
+            raise NotAMaskMod(f"{_name(n)} indexes {len(idx)} of {tv.dim()} dims")
+        self.check_small(table)
+        emitted = tuple(self.emit(i, _broadcast_bind(value(i).shape, bind)) for i in idx)
+        return self.g.call_function(operator.getitem, (self.buffer(table), emitted))
+
+    def lookup(self, n: Node, bind: tuple):
+        """A per-token tensor broadcast into the mask: read at the element's indices."""
+        self.check_small(n)
+        shape = tuple(value(n).shape)
+        idx, kept = [], []
+        for size, axis in zip(shape, bind):
+            if size == 1:
+                continue
+            if axis is None or size != self.sizes[axis]:
+                raise NotAMaskMod(f"{_name(n)} has shape {list(shape)}, not broadcastable "
+                                  "to the mask's positions")
+            self.used.add(axis)
+            idx.append(self.index[axis])
+            kept.append(size)
+        buf = self.buffer(n)
+        if len(kept) != len(shape):
+            buf = self.g.call_method("reshape", (buf, tuple(kept)))
+        return self.g.call_function(operator.getitem, (buf, tuple(idx))) if idx else buf
+
+    def check_small(self, n: Node) -> None:
+        s = self.sizes
+        if value(n).numel() > s["b"] * s["h"] * (s["q"] + s["kv"]):
+            raise NotAMaskMod(f"reads {_name(n)} of shape {list(value(n).shape)}: "
+                              "a materialized mask, not per-token values")
+
+    def buffer(self, n: Node) -> Node:
+        if n not in self.buffer_ph:
+            with self.g.inserting_after(self.index["kv"] if not self.buffers
+                                        else self.buffer_ph[self.buffers[-1]]):
+                self.buffer_ph[n] = self.g.placeholder(f"buf_{len(self.buffers)}")
+            self.buffers.append(n)
+        return self.buffer_ph[n]
+
+
+def _aligned(shape, axes, sizes) -> tuple:
+    bind = []
+    for size, axis in zip(shape, axes):
+        if size == 1:
+            bind.append(None)
+        elif size == sizes[axis]:
+            bind.append(axis)
+        else:
+            raise NotAMaskMod(f"mask of shape {list(shape)} does not fit the attention "
+                              f"({sizes})")
+    return tuple(bind)
+
+
+def _broadcast_bind(shape, bind: tuple) -> tuple:
+    """Bind an operand's dims by right-aligned broadcasting against its result's."""
+    if len(shape) > len(bind):
+        raise NotAMaskMod("operand of higher rank than its result")
+    tail = bind[len(bind) - len(shape):]
+    return tuple(None if size == 1 else axis for size, axis in zip(shape, tail))
+
+
+def _node_args(n: Node) -> list[Node]:
+    out = []
+    torch.fx.node.map_arg((n.args, n.kwargs), out.append)
+    return out
+
+
+def _is_arange(n: Node) -> bool:
+    return n.op == "call_function" and n.target is torch.arange
+
+
+def _arange_start_step(n: Node) -> tuple[int, int]:
+    args = [a for a in n.args]
+    if any(isinstance(a, Node) for a in args) or not all(isinstance(a, int) for a in args):
+        raise NotAMaskMod("arange with non-integer or symbolic bounds")
+    start = args[0] if len(args) >= 2 else n.kwargs.get("start", 0)
+    step = args[2] if len(args) >= 3 else n.kwargs.get("step", 1)
+    return start, step
+
+
+def _is_advanced_index(n: Node) -> bool:
+    if not (n.op == "call_function" and n.target is operator.getitem):
+        return False
+    idx = n.args[1]
+    idx = idx if isinstance(idx, tuple) else (idx,)
+    return all(isinstance(i, Node) for i in idx)
+
+
+def _is_elementwise(n: Node) -> bool:
+    if n.op == "call_function":
+        return n.target in ELEMENTWISE_FUNCTIONS
+    return n.op == "call_method" and n.target in ELEMENTWISE_METHODS
+
+
+def _placement(n: Node) -> list[int | None] | None:
+    """For an op that only inserts, drops or broadcasts size-1 dims: where each input dim
+    goes in the output (None: a size-1 dim that is dropped). None for any other op."""
+    if not n.args or not isinstance(n.args[0], Node):
+        return None
+    src, out = value(n.args[0]), value(n)
+    if not isinstance(src, torch.Tensor) or not isinstance(out, torch.Tensor):
+        return None
+    if n.op == "call_function" and n.target is operator.getitem:
+        return _getitem_dims(n.args[1], src.dim(), out.dim())
+    is_place = (n.op == "call_method" and n.target in PLACEMENT_METHODS) or \
+        (n.op == "call_function" and n.target in PLACEMENT_FUNCTIONS)
+    if not is_place:
+        return None
+    if n.target in ("expand", "expand_as"):  # right-aligned broadcast
+        off = out.dim() - src.dim()
+        return [off + i for i in range(src.dim())]
+    # unsqueeze / view / reshape: the non-1 dims must come out in the same order and sizes.
+    big_in = [i for i, s in enumerate(src.shape) if s != 1]
+    big_out = [i for i, s in enumerate(out.shape) if s != 1]
+    if [src.shape[i] for i in big_in] != [out.shape[i] for i in big_out]:
+        return None
+    where = dict(zip(big_in, big_out))
+    return [where.get(i) for i in range(src.dim())]
+
+
+def _getitem_dims(idx, src_rank: int, out_rank: int) -> list[int | None] | None:
+    idx = idx if isinstance(idx, tuple) else (idx,)
+    full = slice(None, None, None)
+    if not all(i is None or i is Ellipsis or i == full for i in idx):
+        return None
+    if sum(i is Ellipsis for i in idx) > 1:
+        return None
+    consumed = sum(i == full for i in idx if i is not None and i is not Ellipsis)
+    dims, pos, src = [], 0, 0
+    for i in idx:
+        if i is None:
+            pos += 1
+        elif i is Ellipsis:
+            for _ in range(src_rank - consumed):
+                dims.append(pos)
+                pos += 1
+                src += 1
+        else:
+            dims.append(pos)
+            pos += 1
+            src += 1
+    while src < src_rank:  # dims after the index list are kept as they are
+        dims.append(pos)
+        pos += 1
+        src += 1
+    return dims if pos == out_rank else None
+
+
+def _name(n: Node) -> str:
+    t = n.target
+    what = t if isinstance(t, str) else getattr(t, "__name__", str(t))
+    return f"{n.name} ({what})"
+
+
+# ---------------------------------------------------------------------------------------
+# Proof: is the mask_mod exactly kv <= q (causal) or always true?
+# ---------------------------------------------------------------------------------------
+
+INF = float("inf")
+
+
+@dataclass(frozen=True)
+class Verdict:
+    kind: str  # "causal", "full" (always true) or "mask" (needs the mask)
+    reason: str
+
+
+@dataclass(frozen=True)
+class _Aff:  # a*q + c*kv + k, integers
+    a: int
+    c: int
+    k: int
+
+
+@dataclass(frozen=True)
+class _Band:  # true iff lo <= q - kv <= hi
+    lo: float
+    hi: float
+
+
+@dataclass(frozen=True)
+class _Idx:  # the batch or head index (only used to look up per-token tensors)
+    axis: str
+
+
+@dataclass(frozen=True)
+class _Mono:  # table[..., axis] of a table strictly increasing along the tokens
+    table: int
+    axis: str
+
+
+@dataclass(frozen=True)
+class _Buf:
+    tensor: torch.Tensor | None  # None: depends on a graph input
+    name: str
+
+
+class _Opaque(Exception):
+    pass
+
+
+def prove(mm: MaskMod, sizes: dict[str, int]) -> Verdict:
+    """Whether ``mm`` is the causal mask (Q == KV), always true, or neither (with why)."""
+    try:
+        out = _Prover(mm, sizes).run()
+    except _Opaque as e:
+        return Verdict("mask", str(e))
+    if isinstance(out, bool) or (isinstance(out, torch.Tensor) and out.dim() == 0):
+        return Verdict("full", "always true") if bool(out) else Verdict("mask", "never true")
+    if not isinstance(out, _Band):
+        return Verdict("mask", "not a condition on q - kv")
+    lo, hi = max(out.lo, -(sizes["kv"] - 1)), min(out.hi, sizes["q"] - 1)
+    if lo <= -(sizes["kv"] - 1) and hi >= sizes["q"] - 1:
+        return Verdict("full", "always true")
+    if sizes["q"] == sizes["kv"] and lo == 0 and hi >= sizes["q"] - 1:
+        return Verdict("causal", "kv <= q")
+    what = []
+    if lo > -(sizes["kv"] - 1):
+        what.append(f"q - kv >= {int(lo)}")
+    if hi < sizes["q"] - 1:
+        what.append(f"q - kv <= {int(hi)} (sliding window)")
+    return Verdict("mask", " and ".join(what))
+
+
+class _Prover:
+    def __init__(self, mm: MaskMod, sizes: dict[str, int]):
+        self.mm, self.sizes = mm, sizes
+        self.tables: list[torch.Tensor] = []
+
+    def run(self):
+        env: dict[Node, object] = {}
+        bufs = iter(self.mm.buffers)
+        for n in self.mm.module.graph.nodes:
+            if n.op == "placeholder":
+                env[n] = self.placeholder(n.target, bufs)
+            elif n.op == "output":
+                return env[n.args[0]]
+            else:
+                args = torch.fx.node.map_arg(n.args, env.__getitem__)
+                kwargs = torch.fx.node.map_arg(n.kwargs, env.__getitem__)
+                env[n] = self.step(n, args, kwargs)
+        raise _Opaque("empty mask function")
+
+    def placeholder(self, name: str, bufs):
+        if name in ("q", "kv"):
+            return _Aff(1, 0, 0) if name == "q" else _Aff(0, 1, 0)
+        if name in ("b", "h"):
+            return _Idx(name)
+        node = next(bufs)
+        return _Buf(constant_value(node), node.name)
+
+    def step(self, n: Node, args, kwargs):
+        t = n.target
+        if n.op == "call_method" and t == "reshape":
+            buf = args[0]
+            if isinstance(buf, _Buf):
+                return _Buf(None if buf.tensor is None else buf.tensor.reshape(args[1]), buf.name)
+            raise _Opaque("reshape of a computed value")
+        if t is operator.getitem:
+            return self.lookup(args[0], args[1])
+        if n.op == "call_method" and t in ("to", "contiguous", "clone"):
+            if any(isinstance(a, torch.dtype) for a in (*args[1:], *kwargs.values())):
+                raise _Opaque(f"uses {_name(n)}")
+            return args[0]
+        if t in (operator.and_, torch.logical_and, torch.bitwise_and) or t in ("__and__", "logical_and", "bitwise_and"):
+            return _and(*args[:2])
+        if t in (operator.or_, torch.logical_or, torch.bitwise_or) or t in ("__or__", "logical_or", "bitwise_or"):
+            return _or(*args[:2])
+        if t in (operator.add, torch.add, "add"):
+            return _lin(args[0], args[1], 1)
+        if t in (operator.sub, torch.sub, "sub"):
+            return _lin(args[0], args[1], -1)
+        if t in (operator.neg,):
+            return _lin(0, args[0], -1)
+        if t in _COMPARE:
+            return _compare(_COMPARE[t], *args[:2])
+        raise _Opaque(f"uses {_name(n)}")
+
+    def lookup(self, buf, idx):
+        if not isinstance(buf, _Buf):
+            raise _Opaque("indexes a computed value")
+        if buf.tensor is None:
+            raise _Opaque(f"{buf.name} depends on the graph's inputs")
+        idx = idx if isinstance(idx, tuple) else (idx,)
+        table = buf.tensor
+        token = [i for i, x in enumerate(idx) if isinstance(x, _Aff)]
+        if len(token) != 1 or any(not isinstance(x, (_Aff, _Idx)) for x in idx):
+            raise _Opaque(f"reads {buf.name} at an index it cannot follow")
+        (d,) = token
+        pos = idx[d]
+        axis = {(1, 0, 0): "q", (0, 1, 0): "kv"}.get((pos.a, pos.c, pos.k))
+        if axis is None:
+            raise _Opaque(f"reads {buf.name} at a shifted index")
+        rows = table.movedim(d, -1).reshape(-1, table.shape[d]).to("cpu")
+        if bool((rows == rows.flatten()[0]).all()):
+            return rows.flatten()[0].item()
+        n = rows.shape[-1]
+        ramp = torch.arange(n, dtype=rows.dtype)
+        shift = rows[:, :1] - ramp[:1]
+        if not rows.is_floating_point() and bool((rows - ramp == shift).all()) \
+                and bool((shift == shift[0, 0]).all()):
+            k = int(shift[0, 0])
+            return _Aff(1, 0, k) if axis == "q" else _Aff(0, 1, k)
+        if n > 1 and bool((rows[:, 1:] > rows[:, :-1]).all()):
+            # Strictly increasing along the tokens: order comparisons follow the indices.
+            for i, t in enumerate(self.tables):
+                if t is table:
+                    return _Mono(i, axis)
+            self.tables.append(table)
+            return _Mono(len(self.tables) - 1, axis)
+        raise _Opaque(f"reads {buf.name}, whose values it cannot reduce")
+
+
+_COMPARE = {
+    operator.le: "le", operator.lt: "lt", operator.ge: "ge", operator.gt: "gt", operator.eq: "eq",
+    torch.le: "le", torch.lt: "lt", torch.ge: "ge", torch.gt: "gt", torch.eq: "eq",
+    "le": "le", "lt": "lt", "ge": "ge", "gt": "gt", "eq": "eq",
+}
+
+
+def _as_aff(x):
+    if isinstance(x, _Aff):
+        return x
+    if isinstance(x, bool):
+        raise _Opaque("arithmetic on a condition")
+    if isinstance(x, int):
+        return _Aff(0, 0, x)
+    raise _Opaque("arithmetic on a value it cannot follow")
+
+
+def _lin(x, y, sign: int):
+    a, b = _as_aff(x), _as_aff(y)
+    return _Aff(a.a + sign * b.a, a.c + sign * b.c, a.k + sign * b.k)
+
+
+def _compare(op: str, x, y):
+    if isinstance(x, _Mono) or isinstance(y, _Mono):
+        if not (isinstance(x, _Mono) and isinstance(y, _Mono) and x.table == y.table):
+            raise _Opaque("compares values it cannot follow")
+        x = _Aff(1, 0, 0) if x.axis == "q" else _Aff(0, 1, 0)
+        y = _Aff(1, 0, 0) if y.axis == "q" else _Aff(0, 1, 0)
+    d = _lin(x, y, -1)  # x OP y  <=>  d OP 0,  d = a*q + c*kv + k
+    if d.a == 0 and d.c == 0:
+        return {"le": d.k <= 0, "lt": d.k < 0, "ge": d.k >= 0, "gt": d.k > 0, "eq": d.k == 0}[op]
+    if (d.a, d.c) not in ((1, -1), (-1, 1)):
+        raise _Opaque("a condition that is not on q - kv")
+    if d.a == -1:  # -(q - kv) + k OP 0  <=>  (q - kv) OP' k
+        op = {"le": "ge", "lt": "gt", "ge": "le", "gt": "lt", "eq": "eq"}[op]
+        bound = d.k
+    else:  # (q - kv) + k OP 0  <=>  (q - kv) OP -k
+        bound = -d.k
+    return {"le": _Band(-INF, bound), "lt": _Band(-INF, bound - 1), "ge": _Band(bound, INF),
+            "gt": _Band(bound + 1, INF), "eq": _Band(bound, bound)}[op]
+
+
+def _cond(x):
+    if isinstance(x, (bool, _Band)):
+        return x
+    raise _Opaque("combines values that are not conditions")
+
+
+def _and(x, y):
+    x, y = _cond(x), _cond(y)
+    if isinstance(x, bool):
+        return y if x else False
+    if isinstance(y, bool):
+        return x if y else False
+    return _Band(max(x.lo, y.lo), min(x.hi, y.hi))
+
+
+def _or(x, y):
+    x, y = _cond(x), _cond(y)
+    if isinstance(x, bool):
+        return True if x else y
+    if isinstance(y, bool):
+        return True if y else x
+    raise _Opaque("an 'or' of two conditions")
+
+
+# Ops a constant buffer may be computed with (all cheap, deterministic, O(tokens)).
+_MAX_CONSTANT_NUMEL = 1 << 24
+
+
+def constant_value(n: Node) -> torch.Tensor | None:
+    """The value of ``n`` if it depends on no graph input (placeholder, parameter), by
+    running the ops that compute it; None otherwise."""
+    order, seen, stack = [], set(), [n]
+    while stack:
+        x = stack.pop()
+        if x in seen:
+            continue
+        seen.add(x)
+        if x.op not in ("call_function", "call_method") or _random_or_inplace(x):
+            return None
+        v = value(x)
+        if isinstance(v, torch.Tensor) and v.numel() > _MAX_CONSTANT_NUMEL:
+            return None
+        order.append(x)
+        stack.extend(_node_args(x))
+    env: dict[Node, object] = {}
+    try:
+        for x in sorted(order, key=_position(n.graph)):
+            args = torch.fx.node.map_arg(x.args, env.__getitem__)
+            kwargs = torch.fx.node.map_arg(x.kwargs, env.__getitem__)
+            if x.op == "call_function":
+                env[x] = x.target(*args, **kwargs)
+            else:
+                env[x] = getattr(args[0], x.target)(*args[1:], **kwargs)
+    except Exception:  # noqa: BLE001 - an op we cannot run here: treat as unknown
+        return None
+    out = env[n]
+    return out if isinstance(out, torch.Tensor) else None
+
+
+def _random_or_inplace(n: Node) -> bool:
+    name = n.target if isinstance(n.target, str) else getattr(n.target, "__name__", "")
+    return name.endswith("_") and not name.startswith("_") or any(
+        w in name for w in ("rand", "normal", "bernoulli", "dropout", "multinomial", "uniform"))
+
+
+def _position(graph: Graph):
+    order = {x: i for i, x in enumerate(graph.nodes)}
+    return order.__getitem__
