@@ -462,7 +462,7 @@ class _Prover:
         if t in (operator.neg,):
             return _lin(0, args[0], -1)
         if t in _COMPARE:
-            return _compare(_COMPARE[t], *args[:2])
+            return _compare(_COMPARE[t], *args[:2], self.sizes)
         raise _Opaque(f"uses {_name(n)}")
 
     def lookup(self, buf, idx):
@@ -522,15 +522,20 @@ def _lin(x, y, sign: int):
     return _Aff(a.a + sign * b.a, a.c + sign * b.c, a.k + sign * b.k)
 
 
-def _compare(op: str, x, y):
+def _compare(op: str, x, y, sizes: dict[str, int]):
     if isinstance(x, _Mono) or isinstance(y, _Mono):
         if not (isinstance(x, _Mono) and isinstance(y, _Mono) and x.table == y.table):
             raise _Opaque("compares values it cannot follow")
         x = _Aff(1, 0, 0) if x.axis == "q" else _Aff(0, 1, 0)
         y = _Aff(1, 0, 0) if y.axis == "q" else _Aff(0, 1, 0)
     d = _lin(x, y, -1)  # x OP y  <=>  d OP 0,  d = a*q + c*kv + k
-    if d.a == 0 and d.c == 0:
-        return {"le": d.k <= 0, "lt": d.k < 0, "ge": d.k >= 0, "gt": d.k > 0, "eq": d.k == 0}[op]
+    if d.a == 0 or d.c == 0:  # on one index alone: linear, so its ends decide
+        n = sizes["q"] if d.c == 0 else sizes["kv"]
+        ends = {d.k + (d.a or d.c) * i for i in (0, n - 1)}
+        holds = {_holds(op, e) for e in ends}
+        if len(holds) == 1 and (op != "eq" or len(ends) == 1 or d.a == d.c == 0):
+            return holds.pop()
+        raise _Opaque("a condition on q or kv alone (a prefix or a range)")
     if (d.a, d.c) not in ((1, -1), (-1, 1)):
         raise _Opaque("a condition that is not on q - kv")
     if d.a == -1:  # -(q - kv) + k OP 0  <=>  (q - kv) OP' k
@@ -540,6 +545,10 @@ def _compare(op: str, x, y):
         bound = -d.k
     return {"le": _Band(-INF, bound), "lt": _Band(-INF, bound - 1), "ge": _Band(bound, INF),
             "gt": _Band(bound + 1, INF), "eq": _Band(bound, bound)}[op]
+
+
+def _holds(op: str, d: int) -> bool:
+    return {"le": d <= 0, "lt": d < 0, "ge": d >= 0, "gt": d > 0, "eq": d == 0}[op]
 
 
 def _cond(x):

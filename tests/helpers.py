@@ -42,9 +42,11 @@ def default_loss(out):
 
 def check_rewrite(module: torch.nn.Module, inputs, *, expect: dict[str, int],
                   config: mst_fx.MSTConfig | None = None, loss_fn=default_loss,
-                  dtype: torch.dtype = torch.float32, kwargs: dict | None = None):
+                  dtype: torch.dtype = torch.float32, kwargs: dict | None = None,
+                  compiler=None):
     """Eager vs mst_fx-compiled: output and every gradient equal within TOL[dtype]; the
-    counters show exactly ``expect`` rewrites. Returns the backend (its ``report``)."""
+    counters show exactly ``expect`` rewrites. Returns the backend (its ``report``).
+    ``compiler``: what the rewritten graph goes to (default Inductor; see MSTBackend)."""
     config = config if config is not None else mst_fx.MSTConfig()
     counters.clear()
     eager_mod = module
@@ -55,7 +57,7 @@ def check_rewrite(module: torch.nn.Module, inputs, *, expect: dict[str, int],
                for t in inputs]
     kwargs = kwargs or {}
     ref = run_step(eager_mod, eager_in, kwargs, loss_fn)
-    backend = mst_fx.make_backend(config)
+    backend = mst_fx.make_backend(config, compiler=compiler)
     got = run_step(torch.compile(compiled_mod, backend=backend), comp_in, kwargs, loss_fn)
 
     tol = TOL[dtype]
