@@ -30,24 +30,53 @@ from mst_fx.tokenwise import value
 
 AXES = ("b", "h", "q", "kv")
 
-# Elementwise ops that may appear between the index ranges and the mask. Copied as they are
-# into the mask_mod, where every tensor is a 0-d value of one (b, h, q, kv) element.
-ELEMENTWISE_FUNCTIONS = {
-    operator.le, operator.lt, operator.ge, operator.gt, operator.eq, operator.ne,
-    operator.and_, operator.or_, operator.xor, operator.invert, operator.not_,
-    operator.add, operator.sub, operator.mul, operator.floordiv, operator.mod, operator.neg,
-    operator.abs,
-    torch.le, torch.lt, torch.ge, torch.gt, torch.eq, torch.ne, torch.logical_and,
-    torch.logical_or, torch.logical_not, torch.logical_xor, torch.bitwise_and,
-    torch.bitwise_or, torch.bitwise_not, torch.add, torch.sub, torch.mul, torch.abs,
-    torch.remainder, torch.floor_divide, torch.where, torch.minimum, torch.maximum,
+# Elementwise ops that may appear between the index ranges and the mask, by canonical name.
+# Copied as they are into the mask_mod, where every tensor is a 0-d value of one
+# (b, h, q, kv) element. Dynamo writes the same op several ways (operator.eq, torch.eq,
+# Tensor.eq, Tensor.__eq__, the method "eq"), depending on the torch version.
+_NAMES = {
+    "le": "le", "lt": "lt", "ge": "ge", "gt": "gt", "eq": "eq", "ne": "ne",
+    "and_": "and", "logical_and": "and", "bitwise_and": "and", "and": "and",
+    "or_": "or", "logical_or": "or", "bitwise_or": "or", "or": "or",
+    "xor": "xor", "logical_xor": "xor", "bitwise_xor": "xor",
+    "invert": "not", "not_": "not", "logical_not": "not", "bitwise_not": "not",
+    "add": "add", "sub": "sub", "mul": "mul", "neg": "neg", "abs": "abs",
+    "floordiv": "floordiv", "floor_divide": "floordiv", "mod": "mod", "remainder": "mod",
+    "where": "where", "minimum": "minimum", "maximum": "maximum",
+    "to": "cast", "bool": "cast", "long": "cast", "int": "cast", "float": "cast",
+    "contiguous": "same", "clone": "same",
 }
-ELEMENTWISE_METHODS = {
-    "le", "lt", "ge", "gt", "eq", "ne", "logical_and", "logical_or", "logical_not",
-    "bitwise_and", "bitwise_or", "bitwise_not", "add", "sub", "mul", "abs", "remainder",
-    "to", "bool", "long", "int", "float", "contiguous", "clone",
-    "__and__", "__or__", "__invert__",
-}
+# Reflected dunders (a.__rsub__(b) is b - a) only where the order does not matter.
+_REFLECTED = {"radd": "add", "rmul": "mul", "rand": "and", "ror": "or", "rxor": "xor"}
+
+
+def _function_names() -> dict:
+    out = {}
+    for name, canon in list(_NAMES.items()) + list(_REFLECTED.items()):
+        for owner in (operator, torch, torch.Tensor):
+            for attr in (name, f"__{name.rstrip('_')}__"):
+                f = getattr(owner, attr, None)
+                if callable(f) and not (owner is operator and name in _REFLECTED):
+                    out.setdefault(f, canon)
+    return out
+
+
+_FUNCTIONS = _function_names()
+
+
+def elementwise_op(n: Node) -> str | None:
+    """The canonical name of an elementwise op node ("le", "and", "cast", ...), else None."""
+    if n.op == "call_function":
+        try:
+            return _FUNCTIONS.get(n.target)
+        except TypeError:  # an unhashable target
+            return None
+    if n.op == "call_method":
+        name = n.target[2:-2] if n.target.startswith("__") and n.target.endswith("__") else n.target
+        return _NAMES.get(name) or _NAMES.get(name + "_") or _REFLECTED.get(name)
+    return None
+
+
 # Ops that only add, drop or broadcast size-1 dims: the identity on one element.
 PLACEMENT_METHODS = {"unsqueeze", "view", "reshape", "expand", "expand_as"}
 PLACEMENT_FUNCTIONS = {torch.unsqueeze, torch.reshape}
@@ -276,9 +305,7 @@ def _is_advanced_index(n: Node) -> bool:
 
 
 def _is_elementwise(n: Node) -> bool:
-    if n.op == "call_function":
-        return n.target in ELEMENTWISE_FUNCTIONS
-    return n.op == "call_method" and n.target in ELEMENTWISE_METHODS
+    return elementwise_op(n) is not None
 
 
 def _placement(n: Node) -> list[int | None] | None:
@@ -373,9 +400,10 @@ class _Idx:  # the batch or head index (only used to look up per-token tensors)
 
 
 @dataclass(frozen=True)
-class _Mono:  # table[..., axis] of a table strictly increasing along the tokens
+class _Mono:  # table[row, axis] of a table strictly increasing along the tokens
     table: int
     axis: str
+    row: tuple  # the other indices (batch index, constants): equal rows compare in order
 
 
 @dataclass(frozen=True)
@@ -447,22 +475,24 @@ class _Prover:
             raise _Opaque("reshape of a computed value")
         if t is operator.getitem:
             return self.lookup(args[0], args[1])
-        if n.op == "call_method" and t in ("to", "contiguous", "clone"):
-            if any(isinstance(a, torch.dtype) for a in (*args[1:], *kwargs.values())):
-                raise _Opaque(f"uses {_name(n)}")
+        op = elementwise_op(n)
+        if op in ("cast", "same"):
+            if any(isinstance(a, torch.dtype) for a in (*args[1:], *kwargs.values())) or \
+                    n.target in ("bool", "long", "int", "float"):
+                raise _Opaque(f"uses {_name(n)}")  # a dtype change: not followed
             return args[0]
-        if t in (operator.and_, torch.logical_and, torch.bitwise_and) or t in ("__and__", "logical_and", "bitwise_and"):
+        if op == "and":
             return _and(*args[:2])
-        if t in (operator.or_, torch.logical_or, torch.bitwise_or) or t in ("__or__", "logical_or", "bitwise_or"):
+        if op == "or":
             return _or(*args[:2])
-        if t in (operator.add, torch.add, "add"):
+        if op == "add":
             return _lin(args[0], args[1], 1)
-        if t in (operator.sub, torch.sub, "sub"):
+        if op == "sub":
             return _lin(args[0], args[1], -1)
-        if t in (operator.neg,):
+        if op == "neg":
             return _lin(0, args[0], -1)
-        if t in _COMPARE:
-            return _compare(_COMPARE[t], *args[:2], self.sizes)
+        if op in ("le", "lt", "ge", "gt", "eq"):
+            return _compare(op, *args[:2], self.sizes)
         raise _Opaque(f"uses {_name(n)}")
 
     def lookup(self, buf, idx):
@@ -473,7 +503,8 @@ class _Prover:
         idx = idx if isinstance(idx, tuple) else (idx,)
         table = buf.tensor
         token = [i for i, x in enumerate(idx) if isinstance(x, _Aff)]
-        if len(token) != 1 or any(not isinstance(x, (_Aff, _Idx)) for x in idx):
+        if len(token) != 1 or any(not isinstance(x, (_Aff, _Idx, int)) or isinstance(x, bool)
+                                  for x in idx):
             raise _Opaque(f"reads {buf.name} at an index it cannot follow")
         (d,) = token
         pos = idx[d]
@@ -491,20 +522,17 @@ class _Prover:
             k = int(shift[0, 0])
             return _Aff(1, 0, k) if axis == "q" else _Aff(0, 1, k)
         if n > 1 and bool((rows[:, 1:] > rows[:, :-1]).all()):
-            # Strictly increasing along the tokens: order comparisons follow the indices.
+            # Strictly increasing along the tokens: order comparisons within a row follow
+            # the indices.
+            row = tuple(x for i, x in enumerate(idx) if i != d)
             for i, t in enumerate(self.tables):
                 if t is table:
-                    return _Mono(i, axis)
+                    return _Mono(i, axis, row)
             self.tables.append(table)
-            return _Mono(len(self.tables) - 1, axis)
+            return _Mono(len(self.tables) - 1, axis, row)
         raise _Opaque(f"reads {buf.name}, whose values it cannot reduce")
 
 
-_COMPARE = {
-    operator.le: "le", operator.lt: "lt", operator.ge: "ge", operator.gt: "gt", operator.eq: "eq",
-    torch.le: "le", torch.lt: "lt", torch.ge: "ge", torch.gt: "gt", torch.eq: "eq",
-    "le": "le", "lt": "lt", "ge": "ge", "gt": "gt", "eq": "eq",
-}
 
 
 def _as_aff(x):
@@ -524,7 +552,8 @@ def _lin(x, y, sign: int):
 
 def _compare(op: str, x, y, sizes: dict[str, int]):
     if isinstance(x, _Mono) or isinstance(y, _Mono):
-        if not (isinstance(x, _Mono) and isinstance(y, _Mono) and x.table == y.table):
+        if not (isinstance(x, _Mono) and isinstance(y, _Mono) and x.table == y.table
+                and x.row == y.row):
             raise _Opaque("compares values it cannot follow")
         x = _Aff(1, 0, 0) if x.axis == "q" else _Aff(0, 1, 0)
         y = _Aff(1, 0, 0) if y.axis == "q" else _Aff(0, 1, 0)

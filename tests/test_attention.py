@@ -274,6 +274,8 @@ def hf_model(family, **changes):
 
 
 def hf_inputs(case, B=2, S=24):
+    if case == "single":  # one sequence: the batch index range has length 1
+        case, B = "none", 1
     ids = torch.randint(0, 96, (B, S))
     labels, kwargs = ids.clone(), {"use_cache": False}
     if case in ("ones", "left", "right"):
@@ -296,7 +298,7 @@ HF_CASES = [
     ("llama", "left", False, "flex"), ("llama", "right", True, "flex"),
     ("llama", "packed", True, "flex"), ("mistral", "none", False, "flex"),
     ("mistral", "left", True, "flex"), ("qwen2", "packed", False, "flex"),
-    ("qwen2", "none", True, "causal"),
+    ("qwen2", "none", True, "causal"), ("llama", "single", True, "causal"),
 ]
 
 
