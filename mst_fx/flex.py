@@ -3,7 +3,7 @@
     block_mask(mask_mod, B, H, Q, KV, device, *buffers) -> tuple
         the BlockMask of mask_mod as a flat tuple (tensors, ints, flags), once per mask in
         the graph that computed the mask;
-    attention(q, k, v, mask_mod, layout, scale, n_parts, *tensors) -> out
+    attention(q, k, v, mask_mod, layout, scale, n_parts, *tensors, score_mod=None) -> out
         flex_attention over that block mask, where each SDPA call was.
 
 Both are plain functions: AOTAutograd traces through them into aten ops and the
@@ -42,13 +42,16 @@ def layout(parts: tuple) -> tuple:
     return tuple(TENSOR if isinstance(p, torch.Tensor) else p for p in parts)
 
 
-def attention(q, k, v, mask_mod, layout: tuple, scale: float | None, n_parts: int, *tensors):
+def attention(q, k, v, mask_mod, layout: tuple, scale: float | None, n_parts: int, *tensors,
+              score_mod=None):
     """flex_attention(q, k, v) under the block mask whose tensors are ``tensors[:n_parts]``;
-    ``tensors[n_parts:]`` are mask_mod's buffers. Grouped-query attention when k and v
-    have fewer heads than q, as scaled_dot_product_attention(enable_gqa=True)."""
+    ``tensors[n_parts:]`` are mask_mod's buffers; ``score_mod(score, b, h, q, kv)`` changes
+    each scaled score (softcapping). Grouped-query attention when k and v have fewer heads
+    than q, as scaled_dot_product_attention(enable_gqa=True)."""
     parts, buffers = iter(tensors[:n_parts]), tuple(tensors[n_parts:])
     block = tuple(next(parts) if p == TENSOR else p for p in layout) + (mask_mod,)
     scale = scale if scale is not None else 1.0 / math.sqrt(q.shape[-1])
     options = _flex._apply_kernel_options(q, k, v, False, None)
-    out = flex_attention_hop(q, k, v, _flex._identity, block, scale, options, (), buffers)
+    score_mod = score_mod if score_mod is not None else _flex._identity
+    out = flex_attention_hop(q, k, v, score_mod, block, scale, options, (), buffers)
     return out[0]

@@ -33,9 +33,11 @@ from torch.fx import GraphModule, Node
 
 from mst_fx import flex
 from mst_fx.config import MSTConfig
-from mst_fx.masks import MaskMod, NotAMaskMod, extract, mask_sizes, prove
+from mst_fx.masks import MaskMod, NotAMaskMod, constant_value, extract, mask_sizes, prove
 from mst_fx.report import Region, Report, Skipped
 from mst_fx.tokenwise import arg_of, value
+
+value_of = value  # for functions that name a local 'value'
 
 KIND = "attention"
 SDPA = {torch._C._nn.scaled_dot_product_attention, F.scaled_dot_product_attention}
@@ -75,6 +77,7 @@ class AttentionPlan:
     sizes: dict
     mask_mod: MaskMod | None
     shared: Shared
+    eager: "EagerAttention | None" = None  # set when the call is HF's eager attention path
 
 
 def detect(gm: GraphModule, config: MSTConfig, checkpointed: bool, where) -> Report:
@@ -85,11 +88,17 @@ def detect(gm: GraphModule, config: MSTConfig, checkpointed: bool, where) -> Rep
         return report
     shared, counted = Shared(), set()
     for owner, path in _modules(gm, []):
-        for n in owner.graph.nodes:
-            if n.op != "call_function" or n.target not in SDPA:
-                continue
+        for n in list(owner.graph.nodes):
             try:
-                region = _plan(n, owner, path, shared, where, config)
+                if n.op == "call_function" and n.target in SDPA:
+                    region = _plan(n, owner, path, shared, where, config)
+                elif _is_softmax(n):
+                    eager = match_eager(n)
+                    if eager is None:
+                        continue
+                    region = _plan_eager(eager, owner, path, shared, where, config)
+                else:
+                    continue
             except (CantRewrite, NotAMaskMod) as e:
                 report.skipped.append(Skipped(KIND, where([n]), str(e)))
                 continue
@@ -103,8 +112,13 @@ def detect(gm: GraphModule, config: MSTConfig, checkpointed: bool, where) -> Rep
 def rewrite(gm: GraphModule, region: Region, names) -> None:
     plan: AttentionPlan = region.plan
     n = plan.call
-    args = {name: arg_of(n, i, name) for i, name in enumerate(SDPA_ARGS)}
-    local_mask = args["attn_mask"]
+    if plan.eager is not None:
+        e = plan.eager
+        args = {"query": e.query, "key": e.key, "value": e.value, "scale": 1.0}
+        local_mask = e.mask
+    else:
+        args = {name: arg_of(n, i, name) for i, name in enumerate(SDPA_ARGS)}
+        local_mask = args["attn_mask"]
     if plan.mode in ("causal", "full"):
         kwargs = {k: v for k, v in args.items() if k not in ("query", "key", "value") and v is not None}
         kwargs.update(attn_mask=None, is_causal=plan.mode == "causal")
@@ -112,7 +126,11 @@ def rewrite(gm: GraphModule, region: Region, names) -> None:
         n.kwargs = kwargs
     else:
         _to_flex(plan, args)
-    _release(plan, local_mask)
+    if plan.eager is not None:
+        for x in plan.eager.inputs_of_end:
+            _prune(x)
+    if local_mask is not None:
+        _release(plan, local_mask)
     for m in _touched(plan):
         m.graph.lint()
         m.recompile()
@@ -173,6 +191,193 @@ def _plan(n: Node, owner: GraphModule, path: list[Step], shared: Shared, where,
                                      shared))
 
 
+# ---------------------------------------------------------------------------------------
+# Attention written out (HF's "eager" path, used by Gemma 2 for its logit softcapping):
+#   s = q @ k.transpose(-2, -1); s = f(s) (scale, softcap); s = s + mask;
+#   p = softmax(s, -1) [.to(dtype)] [dropout(p=0)]; out = p @ v
+# becomes flex_attention with score_mod = f and the mask's mask_mod.
+# ---------------------------------------------------------------------------------------
+
+SOFTMAX = {F.softmax, torch.softmax}
+# Elementwise ops on the scores with a constant: they make the score_mod.
+SCORE_FUNCTIONS = {operator.mul, operator.truediv, operator.add, operator.sub, operator.neg,
+                   torch.tanh, torch.mul, torch.div, torch.add, torch.sub, F.tanh}
+SCORE_METHODS = {"tanh", "mul", "div", "add", "sub", "neg"}
+NEG_LARGE = -1e30  # an additive mask value at or below this counts as "masked out"
+
+
+@dataclass
+class EagerAttention:
+    query: Node
+    key: Node
+    value: Node
+    end: Node  # the p @ v matmul, replaced by flex_attention
+    mask: Node | None  # the additive float mask added to the scores (in the call's module)
+    score_mod: GraphModule  # (score, b, h, q, kv) -> score
+    inputs_of_end: list[Node]  # what the removed nodes read, for pruning
+
+
+def _is_softmax(n: Node) -> bool:
+    return (n.op == "call_function" and n.target in SOFTMAX) or \
+        (n.op == "call_method" and n.target == "softmax")
+
+
+def match_eager(softmax: Node) -> EagerAttention | None:
+    """The written-out attention around ``softmax``, or None if it is not one (a softmax
+    elsewhere); raises CantRewrite for an attention it recognizes but cannot take."""
+    dim = arg_of(softmax, 1, "dim")
+    x = softmax.args[0]
+    if dim not in (-1, 3) or not isinstance(x, Node):
+        return None
+    # forward: [.to(dtype)] [dropout] then p @ v
+    p, used = softmax, [softmax]
+    while len(p.users) == 1:
+        u = next(iter(p.users))
+        if u.op == "call_method" and u.target in ("to", "type_as") or \
+                (u.op == "call_function" and u.target in (F.dropout, torch.dropout)):
+            if u.target in (F.dropout, torch.dropout) and arg_of(u, 1, "p", 0.5) not in (0, 0.0) \
+                    and arg_of(u, 2, "training", True):
+                raise CantRewrite("attention dropout p > 0 in training: flex_attention has none")
+            p = u
+            used.append(u)
+            continue
+        break
+    if len(p.users) != 1:
+        return None
+    end = next(iter(p.users))
+    if not (end.op == "call_function" and end.target in (torch.matmul, operator.matmul)) or end.args[0] is not p:
+        return None
+    value = end.args[1]
+    # backward from the softmax: [+ mask], the score ops, q @ k^T
+    mask = None
+    if _is_add(x) and len(x.users) == 1:
+        a, b = x.args[:2]
+        scores, mask = (a, b) if _float_mask(b) else (b, a) if _float_mask(a) else (None, None)
+        if scores is None:
+            raise CantRewrite("scores plus a term that is not an additive mask")
+        used.append(x)
+        x = scores
+    chain = []
+    while not (x.op == "call_function" and x.target in (torch.matmul, operator.matmul)):
+        if len(x.users) != 1 or not _score_op(x):
+            raise CantRewrite(f"scores go through {x.name}, which is not a constant elementwise op")
+        chain.append(x)
+        x = x.args[0] if isinstance(x.args[0], Node) else x.args[1]
+    qk = x
+    if len(qk.users) != 1:
+        return None
+    q, kt = qk.args[:2]
+    if not (isinstance(kt, Node) and kt.op == "call_method" and kt.target == "transpose"
+            and sorted(kt.args[1:3]) in ([2, 3], [-2, -1])) or len(kt.users) != 1:
+        return None
+    k = kt.args[0]
+    for t in (q, k, value):
+        v = value_of(t)
+        if v is None or v.dim() != 4:
+            return None
+    if value_of(q).shape[1] != value_of(k).shape[1]:
+        raise CantRewrite("written-out attention with fewer key heads than query heads")
+    return EagerAttention(q, k, value, end, mask, _score_mod(list(reversed(chain))),
+                          list(end.all_input_nodes))
+
+
+def _is_add(n: Node) -> bool:
+    return (n.op == "call_function" and n.target in (operator.add, torch.add)) or \
+        (n.op == "call_method" and n.target == "add")
+
+
+def _float_mask(n) -> bool:
+    """A [.., Q, KV] float tensor (graph value) that may be an additive mask; checked in full
+    where it is computed (_bool_of)."""
+    v = value_of(n)
+    return v is not None and v.is_floating_point() and v.dim() >= 2
+
+
+def _score_op(n: Node) -> bool:
+    ok = (n.op == "call_function" and n.target in SCORE_FUNCTIONS) or \
+        (n.op == "call_method" and n.target in SCORE_METHODS)
+    tensors = [a for a in n.all_input_nodes]
+    return ok and len(tensors) == 1 and (n.args[0] is tensors[0] or n.target in (
+        operator.mul, operator.add, torch.mul, torch.add))
+
+
+def _score_mod(chain: list[Node]) -> GraphModule:
+    g = torch.fx.Graph()
+    score = g.placeholder("score")
+    for name in ("b", "h", "q", "kv"):
+        g.placeholder(name)
+    env = {}
+    x = score
+    for n in chain:
+        prev = n.all_input_nodes[0]
+        args = tuple(x if a is prev else a for a in n.args)
+        x = g.create_node(n.op, n.target, args, dict(n.kwargs))
+        env[n] = x
+    g.output(x)
+    return GraphModule(torch.nn.Module(), g)
+
+
+def _bool_of(mask: Node) -> Node:
+    """The boolean mask behind an additive one: ``where(keep, 0, very negative)``."""
+    if mask.op == "call_function" and mask.target is torch.where and len(mask.args) == 3:
+        keep, zero, neg = mask.args
+        if _is_zero(zero) and isinstance(neg, (int, float)) and neg <= NEG_LARGE and isinstance(keep, Node):
+            return keep
+    raise CantRewrite(f"additive mask {mask.name} is not where(mask, 0, very negative)")
+
+
+def _is_zero(x) -> bool:
+    """0, or a graph constant equal to 0 (torch.zeros(()), torch.tensor(0.0), a lifted one)."""
+    if not isinstance(x, Node):
+        return x in (0, 0.0) and not isinstance(x, bool)
+    if x.op == "get_attr":
+        v = getattr(x.graph.owning_module, x.target, None)
+    else:
+        v = constant_value(x)
+    return isinstance(v, torch.Tensor) and v.numel() == 1 and bool(v.reshape(()) == 0)
+
+
+def _plan_eager(e: EagerAttention, owner: GraphModule, path: list[Step], shared: Shared, where,
+                config: MSTConfig) -> Region:
+    qv = value_of(e.query)
+    if config.flex_attention == "off" or (config.flex_attention == "cuda" and qv.device.type != "cuda"):
+        raise CantRewrite(f"written-out attention left as it is: flex_attention="
+                          f"{config.flex_attention!r} and the device is {qv.device.type}")
+    sizes = {"b": qv.shape[0], "h": qv.shape[1], "q": qv.shape[2], "kv": value_of(e.key).shape[2]}
+    if not all(isinstance(v, int) for v in sizes.values()):
+        raise CantRewrite("symbolic sequence length (dynamic shapes)")
+    if e.mask is None:
+        mask, path, mm = None, [], _no_mask()
+        why = "no mask"
+    else:
+        outer, path = _outer(e.mask, path)
+        mask = _bool_of(outer)
+        mm = extract(mask, sizes)
+        why = prove(mm, sizes).reason
+    for s in path:
+        if len(s.call.args[0].users) != 1:
+            raise CantRewrite("a checkpointed body shared by several calls")
+    ops = ", ".join(_op_text(n) for n in e.score_mod.graph.nodes if n.op in ("call_function", "call_method"))
+    detail = f"flex: written-out attention, score_mod {ops or 'none'}; {why}"
+    return Region(kind=KIND, where=where([e.end]), tokens=sizes["q"], chunks=0,
+                  bytes_saved=sizes["b"] * sizes["h"] * sizes["q"] * sizes["kv"] * 4,
+                  detail=detail, plan=AttentionPlan(e.end, owner, path, mask, "flex", sizes, mm,
+                                                    shared, eager=e))
+
+
+def _no_mask() -> MaskMod:
+    g = torch.fx.Graph()
+    b, h, q, kv = (g.placeholder(a) for a in ("b", "h", "q", "kv"))
+    g.output(g.call_function(operator.ge, (kv, 0)))
+    return MaskMod(GraphModule(torch.nn.Module(), g), [], frozenset({"kv"}))
+
+
+def _op_text(n: Node) -> str:
+    name = n.target if isinstance(n.target, str) else getattr(n.target, "__name__", "?")
+    consts = [repr(a) for a in n.args if isinstance(a, (int, float))]
+    return name + (f" {consts[0]}" if consts else "")
+
+
 def _outer(node: Node, path: list[Step]) -> tuple[Node, list[Step]]:
     """Follow a body's placeholder out to the value passed in; returns that node and the
     steps from its module down to the call's."""
@@ -201,9 +406,12 @@ def _to_flex(plan: AttentionPlan, args: dict) -> None:
     g = plan.owner.graph
     n = plan.call
     with g.inserting_before(n):
-        mm = g.get_attr(_attr(plan.owner, plan.mask_mod, plan.shared))
+        mm = g.get_attr(_attr(plan.owner, plan.mask_mod.module, plan.shared))
+        sm = g.get_attr(_attr(plan.owner, plan.eager.score_mod, plan.shared)) \
+            if plan.eager is not None else None
         new = g.call_function(flex.attention, (args["query"], args["key"], args["value"], mm, lay,
-                                               args["scale"], len(parts), *inner))
+                                               args["scale"], len(parts), *inner),
+                              {"score_mod": sm} if sm is not None else {})
     new.meta["example_value"] = n.meta.get("example_value")
     n.replace_all_uses_with(new)
     g.erase_node(n)
@@ -220,8 +428,8 @@ def _block_mask(home: GraphModule, plan: AttentionPlan) -> tuple[list[Node], tup
     device = value(plan.call.args[0]).device
     lay = _fake_layout(mm, B, H, s["q"], s["kv"], device)
     g = home.graph
-    with g.inserting_after(plan.mask):
-        attr = g.get_attr(_attr(home, mm, plan.shared))
+    with g.inserting_after(plan.mask) if plan.mask is not None else g.inserting_before(plan.call):
+        attr = g.get_attr(_attr(home, mm.module, plan.shared))
     with g.inserting_after(attr):
         call = g.call_function(flex.block_mask, (attr, B, H, s["q"], s["kv"], device, *mm.buffers))
     parts, last = [], call
@@ -247,11 +455,11 @@ def _fake_layout(mm: MaskMod, B: int, H: int, Q: int, KV: int, device) -> tuple:
         return flex.layout(flex.block_mask(mm.module, B, H, Q, KV, device, *bufs))
 
 
-def _attr(mod: GraphModule, mask_mod: MaskMod, shared: Shared) -> str:
-    key = (id(mod), id(mask_mod))
+def _attr(mod: GraphModule, fn: GraphModule, shared: Shared) -> str:
+    key = (id(mod), id(fn))
     if key not in shared.attrs:
-        name = f"mst_attention_mask_mod_{len(shared.attrs)}"
-        mod.add_submodule(name, mask_mod.module)
+        name = f"mst_attention_mod_{len(shared.attrs)}"
+        mod.add_submodule(name, fn)
         shared.attrs[key] = name
     return shared.attrs[key]
 
@@ -290,7 +498,8 @@ def _prune(node: Node) -> None:
     stack, erased = [node], set()
     while stack:
         x = stack.pop()
-        if x in erased or x.users or x.op not in ("call_function", "call_method") or x.is_impure():
+        if x in erased or getattr(x, "_erased", False) or x.users or \
+                x.op not in ("call_function", "call_method") or x.is_impure():
             continue
         inputs = list(x.all_input_nodes)
         x.graph.erase_node(x)

@@ -267,9 +267,11 @@ SMALL = dict(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_la
 
 
 def hf_model(family, **changes):
-    extra = {"mistral": dict(sliding_window=6), "qwen2": dict(use_sliding_window=False)}
+    extra = {"mistral": dict(sliding_window=6), "qwen2": dict(use_sliding_window=False),
+             "gemma2": dict(sliding_window=6, head_dim=16)}  # sliding and global layers
     config = transformers.AutoConfig.for_model(family, **{**SMALL, **changes}, **extra.get(family, {}))
-    config._attn_implementation = "sdpa"
+    # Gemma 2 softcaps its attention logits: HF runs it through its written-out attention.
+    config._attn_implementation = "eager" if family == "gemma2" else "sdpa"
     return transformers.AutoModelForCausalLM.from_config(config).train()
 
 
@@ -299,6 +301,7 @@ HF_CASES = [
     ("llama", "packed", True, "flex"), ("mistral", "none", False, "flex"),
     ("mistral", "left", True, "flex"), ("qwen2", "packed", False, "flex"),
     ("qwen2", "none", True, "causal"), ("llama", "single", True, "causal"),
+    ("gemma2", "none", False, "flex"), ("gemma2", "packed", True, "flex"),
 ]
 
 
@@ -313,6 +316,20 @@ def test_hf_models_match_eager(family, case, checkpointing, kind):
                             compiler=aot_eager_compiler, loss_fn=lambda out: out.loss)
     details = [r.detail for r in backend.report.regions]
     assert len(details) == 2 and all(d.startswith(kind) for d in details), details
+
+
+def test_written_out_attention_keeps_its_softcap_and_layers():
+    """Gemma 2: alternating sliding-window and global layers, attention logits softcapped
+    in a written-out attention; each becomes flex_attention with the softcap as score_mod."""
+    report = mst_fx.explain(hf_model("gemma2"), *hf_inputs("none")[:1], **hf_inputs("none")[1],
+                            config=FLEX)
+    first, second = (r.detail for r in report.regions)
+    for d in (first, second):
+        assert "score_mod mul 0.0625, truediv 50.0, tanh, mul 50.0" in d, d  # 256 ** -0.5
+    assert "sliding window" in first and second.endswith("kv <= q"), (first, second)
+    default = mst_fx.explain(hf_model("gemma2"), *hf_inputs("none")[:1], **hf_inputs("none")[1])
+    assert all("written-out attention left as it is" in s.reason
+               for s in default.skipped if s.kind == "attention")
 
 
 def test_hf_causal_under_inductor_with_every_pass():
