@@ -407,6 +407,13 @@ class _Mono:  # table[row, axis] of a table strictly increasing along the tokens
 
 
 @dataclass(frozen=True)
+class _Same:  # an unknown value read from a tensor at an index, plus k
+    name: str
+    idx: tuple
+    k: int = 0
+
+
+@dataclass(frozen=True)
 class _Buf:
     tensor: torch.Tensor | None  # None: depends on a graph input
     name: str
@@ -439,9 +446,22 @@ def prove(mm: MaskMod, sizes: dict[str, int]) -> Verdict:
     return Verdict("mask", " and ".join(what))
 
 
+def diagonal_allowed(mm: MaskMod, sizes: dict[str, int]) -> bool:
+    """Whether every query may attend to its own position (mask(b, h, i, i) is true for
+    all i), so that no row of the mask is empty: read with kv = q, where a per-token
+    tensor compared with itself at the same index is equal whatever its values."""
+    if sizes["q"] != sizes["kv"]:
+        return False
+    try:
+        out = _Prover(mm, sizes, diagonal=True).run()
+    except _Opaque:
+        return False
+    return isinstance(out, bool) and out
+
+
 class _Prover:
-    def __init__(self, mm: MaskMod, sizes: dict[str, int]):
-        self.mm, self.sizes = mm, sizes
+    def __init__(self, mm: MaskMod, sizes: dict[str, int], diagonal: bool = False):
+        self.mm, self.sizes, self.diagonal = mm, sizes, diagonal
         self.tables: list[torch.Tensor] = []
 
     def run(self):
@@ -460,7 +480,7 @@ class _Prover:
 
     def placeholder(self, name: str, bufs):
         if name in ("q", "kv"):
-            return _Aff(1, 0, 0) if name == "q" else _Aff(0, 1, 0)
+            return _Aff(1, 0, 0) if name == "q" or self.diagonal else _Aff(0, 1, 0)
         if name in ("b", "h"):
             return _Idx(name)
         node = next(bufs)
@@ -498,9 +518,11 @@ class _Prover:
     def lookup(self, buf, idx):
         if not isinstance(buf, _Buf):
             raise _Opaque("indexes a computed value")
+        idx = idx if isinstance(idx, tuple) else (idx,)
+        if buf.tensor is None and self.diagonal:  # unknown values, but the same at the same index
+            return _Same(buf.name, idx)
         if buf.tensor is None:
             raise _Opaque(f"{buf.name} depends on the graph's inputs")
-        idx = idx if isinstance(idx, tuple) else (idx,)
         table = buf.tensor
         token = [i for i, x in enumerate(idx) if isinstance(x, _Aff)]
         if len(token) != 1 or any(not isinstance(x, (_Aff, _Idx, int)) or isinstance(x, bool)
@@ -546,11 +568,19 @@ def _as_aff(x):
 
 
 def _lin(x, y, sign: int):
+    if isinstance(x, _Same) and isinstance(y, int) and not isinstance(y, bool):
+        return _Same(x.name, x.idx, x.k + sign * y)
+    if isinstance(y, _Same) and isinstance(x, int) and not isinstance(x, bool) and sign == 1:
+        return _Same(y.name, y.idx, y.k + x)
     a, b = _as_aff(x), _as_aff(y)
     return _Aff(a.a + sign * b.a, a.c + sign * b.c, a.k + sign * b.k)
 
 
 def _compare(op: str, x, y, sizes: dict[str, int]):
+    if isinstance(x, _Same) or isinstance(y, _Same):
+        if isinstance(x, _Same) and isinstance(y, _Same) and (x.name, x.idx) == (y.name, y.idx):
+            return _holds(op, x.k - y.k)
+        raise _Opaque("compares values it cannot follow")
     if isinstance(x, _Mono) or isinstance(y, _Mono):
         if not (isinstance(x, _Mono) and isinstance(y, _Mono) and x.table == y.table
                 and x.row == y.row):

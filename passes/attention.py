@@ -33,7 +33,8 @@ from torch.fx import GraphModule, Node
 
 from mst_fx import flex
 from mst_fx.config import MSTConfig
-from mst_fx.masks import MaskMod, NotAMaskMod, constant_value, extract, mask_sizes, prove
+from mst_fx.masks import (MaskMod, NotAMaskMod, constant_value, diagonal_allowed, extract, mask_sizes,
+                          prove)
 from mst_fx.report import Region, Report, Skipped
 from mst_fx.tokenwise import arg_of, value
 
@@ -354,6 +355,11 @@ def _plan_eager(e: EagerAttention, owner: GraphModule, path: list[Step], shared:
         mask = _bool_of(outer)
         mm = extract(mask, sizes)
         why = prove(mm, sizes).reason
+        if not diagonal_allowed(mm, sizes):
+            # A row with no key allowed: eager averages it (its additive mask is finite),
+            # flex_attention gives zeros. Only take masks where that cannot happen.
+            raise CantRewrite(f"written-out attention left as it is: a query may have no key "
+                              f"to attend to (padding?), where flex_attention would differ ({why})")
     for s in path:
         if len(s.call.args[0].users) != 1:
             raise CantRewrite("a checkpointed body shared by several calls")

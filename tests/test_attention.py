@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 import mst_fx
 from helpers import check_rewrite
 from mst_fx.backend import aot_eager_compiler
-from mst_fx.masks import extract, mask_sizes, prove
+from mst_fx.masks import diagonal_allowed, extract, mask_sizes, prove
 
 transformers = pytest.importorskip("transformers")
 
@@ -254,6 +254,8 @@ def test_mask_mods_are_exact_and_verdicts_sound(S, causal, win, docs, docs_as_in
         assert torch.equal(real[0, 0], torch.ones(S, S, dtype=torch.bool).tril())
     if verdict.kind == "full":
         assert bool(real.all())
+    if diagonal_allowed(mm, sizes):  # then no query row is empty
+        assert bool(real[0, 0].diagonal().all())
     if docs is None and prefix is None and causal and (win is None or win >= S):
         assert verdict.kind == "causal" or (S == 1), verdict  # what must be proved, is
 
@@ -330,6 +332,12 @@ def test_written_out_attention_keeps_its_softcap_and_layers():
     default = mst_fx.explain(hf_model("gemma2"), *hf_inputs("none")[:1], **hf_inputs("none")[1])
     assert all("written-out attention left as it is" in s.reason
                for s in default.skipped if s.kind == "attention")
+    # With padding a query may have no key at all: eager then averages over the keys (its
+    # additive mask is finite) where flex_attention gives zeros, so it stays as it is.
+    ids, kwargs = hf_inputs("left")
+    padded = mst_fx.explain(hf_model("gemma2"), ids, **kwargs, config=FLEX)
+    assert not padded.regions and all("no key to attend to" in s.reason
+                                      for s in padded.skipped if s.kind == "attention")
 
 
 def test_hf_causal_under_inductor_with_every_pass():
