@@ -17,6 +17,12 @@ follows attn_mask back to the graph that computed it, reads the mask back as a f
 - unchanged, with the reason: masks that read an S x S tensor or ops it cannot follow,
   additive float masks, dropout with a non-causal mask, symbolic lengths.
 
+Attention written out without SDPA (HF's eager path; Gemma 2 takes it for its logit
+softcapping) is matched from its softmax: q @ k^T, constant elementwise ops on the scores
+(they become the flex score_mod), + where(mask, 0, very negative), softmax, p @ v. It goes
+to flex_attention when no query row can be empty (masks.diagonal_allowed), since eager
+averages an empty row (finite additive mask) where flex_attention gives zeros.
+
 Rewriting changes only the attention calls: the mask's values in the new graph come from
 the same nodes, so results never change beyond kernel rounding. A mask that no call
 uses any more is removed (and its arguments to checkpointed bodies with it).
@@ -65,7 +71,7 @@ class Shared:
 
     block_masks: dict = field(default_factory=dict)  # (module, mask) -> (parts, layout)
     threaded: dict = field(default_factory=dict)  # (body, outer node) -> placeholder
-    attrs: dict = field(default_factory=dict)  # (module, id(mask_mod)) -> attribute name
+    attrs: dict = field(default_factory=dict)  # (module, id(mask/score mod)) -> attribute name
 
 
 @dataclass
@@ -73,7 +79,7 @@ class AttentionPlan:
     call: Node
     owner: GraphModule  # the module holding the call
     path: list[Step]  # from the module that computed the mask down to owner
-    mask: Node  # in path[0].parent (or owner when path is empty)
+    mask: Node | None  # in path[0].parent (or owner when path is empty); None: no mask
     mode: str  # "causal", "full" or "flex"
     sizes: dict
     mask_mod: MaskMod | None
