@@ -190,6 +190,19 @@ def mst_backend(gm: torch.fx.GraphModule, example_inputs):
     return MSTBackend()(gm, example_inputs)
 
 
+def registered_backend(gm: torch.fx.GraphModule, example_inputs, *, options: dict | None = None,
+                       mode: str | None = None):
+    """The backend torch finds by name, through the ``torch_dynamo_backends`` entry point
+    (pyproject.toml): ``torch.compile(model, backend="mst", options={"chunks": 8})``, with no
+    import of mst_fx first. ``options`` are MSTConfig fields; an unknown one or a bad value
+    raises ValueError naming it (torch reports it when the first graph compiles).
+    """
+    if mode not in (None, "default"):
+        raise ValueError(f'backend "mst" takes no mode (got {mode!r}); use options={{...}} with MSTConfig fields')
+    config = MSTConfig().replace(**options) if options else MSTConfig()
+    return MSTBackend(config)(gm, example_inputs)
+
+
 def explain(model_or_fn, *args, config: MSTConfig | None = None, **kwargs) -> Report:
     """Capture ``model_or_fn(*args, **kwargs)`` with Dynamo and report what mst_fx would
     chunk and what it would leave, and why. Runs the forward once, eagerly; nothing is

@@ -1,4 +1,8 @@
-"""Backend glue: never raise out of torch.compile, report why, count what was applied."""
+"""Backend glue: never raise out of torch.compile, report why, count what was applied;
+the backend by name ("mst") through the entry point."""
+
+import subprocess
+import sys
 
 import torch
 from torch._dynamo.utils import counters
@@ -66,3 +70,29 @@ def test_default_backend_callable():
     out = torch.compile(block, backend=mst_fx.mst_backend)(x)
     torch.testing.assert_close(out, block(x), rtol=1e-5, atol=1e-5)
     assert not counters["mst_fx"]  # 48 tokens: below min_chunk_tokens, left unchanged
+
+
+BY_NAME = """
+import sys, torch
+from torch._dynamo.utils import counters
+assert "mst_fx" not in sys.modules
+print("listed", "mst" in torch._dynamo.list_backends())
+def f(x, w1, w2):
+    return (torch.nn.functional.silu(x @ w1) @ w2).sum()
+x, w1, w2 = torch.randn(64, 16), torch.randn(16, 64, requires_grad=True), torch.randn(64, 16, requires_grad=True)
+torch.compile(f, backend="mst", options={"chunks": 4, "passes": ["mlp"]})(x, w1, w2).backward()
+print("rewrites", dict(counters["mst_fx"]))
+torch._dynamo.reset()
+try:
+    torch.compile(f, backend="mst", options={"chunkz": 4})(x, w1, w2)
+except Exception as e:
+    print("error", "no field ['chunkz']" in str(e))
+"""
+
+
+def test_backend_by_name_from_the_entry_point(tmp_path):
+    """pyproject registers "mst" in torch's torch_dynamo_backends group: a process that never
+    imports mst_fx compiles with backend="mst"; options are MSTConfig fields, checked."""
+    out = subprocess.run([sys.executable, "-c", BY_NAME], cwd=tmp_path, capture_output=True,
+                         text=True, check=True).stdout.splitlines()
+    assert out == ["listed True", "rewrites {'mlp': 1}", "error True"], out
