@@ -100,8 +100,8 @@ class MaskMod:
     uses: frozenset[str]
 
 
-def mask_sizes(mask: Node, q: Node, k: Node) -> dict[str, int]:
-    """The sizes of the four axes of scaled_dot_product_attention(q, k, ..., attn_mask=mask)."""
+def mask_sizes(q: Node, k: Node) -> dict[str, int]:
+    """The sizes of the four axes (b, h, q, kv) of attention between ``q`` and ``k``."""
     qv, kv = value(q), value(k)
     if qv is None or kv is None or qv.dim() != 4 or kv.dim() != 4:
         raise NotAMaskMod("query/key are not 4-D [batch, heads, tokens, dim]")
@@ -141,13 +141,22 @@ class _Extractor:
         return MaskMod(module, self.buffers, frozenset(self.used))
 
     # Which nodes depend on an index range; the others are buffers computed outside.
+    # Iterative: a mask may read values computed deep in the model.
     def index_derived(self, n) -> bool:
         if not isinstance(n, Node):
             return False
-        if n not in self.derived:
-            self.derived[n] = False  # cycles cannot happen in a graph; this only memoizes
-            self.derived[n] = _is_arange(n) or any(
-                self.index_derived(a) for a in _node_args(n))
+        stack = [n]
+        while stack:
+            x = stack[-1]
+            if x in self.derived:
+                stack.pop()
+                continue
+            todo = [a for a in _node_args(x) if a not in self.derived]
+            if todo and not _is_arange(x):
+                stack.extend(todo)
+                continue
+            stack.pop()
+            self.derived[x] = _is_arange(x) or any(self.derived[a] for a in _node_args(x))
         return self.derived[n]
 
     def emit(self, n, bind: tuple):
@@ -181,16 +190,16 @@ class _Extractor:
             sv = value(src)
             inner = tuple(None if sv.shape[i] == 1 or d is None else bind[d] for i, d in enumerate(dims))
             return self.emit(src, inner)
-        if _is_elementwise(n):
-            args = [self.emit_operand(a, bind, v) for a in n.args]
-            kwargs = {k: self.emit_operand(a, bind, v) for k, a in n.kwargs.items()}
+        if elementwise_op(n) is not None:
+            args = [self.emit_operand(a, bind) for a in n.args]
+            kwargs = {k: self.emit_operand(a, bind) for k, a in n.kwargs.items()}
             return self.g.create_node(n.op, n.target, tuple(args), kwargs)
         try:  # computed from the index ranges by other ops (a cumsum, ...): read its values
             return self.lookup(n, bind)
         except NotAMaskMod:
             raise NotAMaskMod(f"{_name(n)} is not elementwise over the mask's positions") from None
 
-    def emit_operand(self, a, bind: tuple, out: torch.Tensor):
+    def emit_operand(self, a, bind: tuple):
         if isinstance(a, Node) and isinstance(value(a), torch.Tensor):
             return self.emit(a, _broadcast_bind(value(a).shape, bind))
         if isinstance(a, Node):
@@ -288,11 +297,11 @@ def _is_arange(n: Node) -> bool:
 
 
 def _arange_start_step(n: Node) -> tuple[int, int]:
-    args = [a for a in n.args]
-    if any(isinstance(a, Node) for a in args) or not all(isinstance(a, int) for a in args):
-        raise NotAMaskMod("arange with non-integer or symbolic bounds")
+    args = n.args
     start = args[0] if len(args) >= 2 else n.kwargs.get("start", 0)
     step = args[2] if len(args) >= 3 else n.kwargs.get("step", 1)
+    if not all(isinstance(a, int) for a in (*args, start, step)):
+        raise NotAMaskMod("arange with non-integer or symbolic bounds")
     return start, step
 
 
@@ -302,10 +311,6 @@ def _is_advanced_index(n: Node) -> bool:
     idx = n.args[1]
     idx = idx if isinstance(idx, tuple) else (idx,)
     return all(isinstance(i, Node) for i in idx)
-
-
-def _is_elementwise(n: Node) -> bool:
-    return elementwise_op(n) is not None
 
 
 def _placement(n: Node) -> list[int | None] | None:
@@ -429,8 +434,8 @@ def prove(mm: MaskMod, sizes: dict[str, int]) -> Verdict:
         out = _Prover(mm, sizes).run()
     except _Opaque as e:
         return Verdict("mask", str(e))
-    if isinstance(out, bool) or (isinstance(out, torch.Tensor) and out.dim() == 0):
-        return Verdict("full", "always true") if bool(out) else Verdict("mask", "never true")
+    if isinstance(out, bool):
+        return Verdict("full", "always true") if out else Verdict("mask", "never true")
     if not isinstance(out, _Band):
         return Verdict("mask", "not a condition on q - kv")
     lo, hi = max(out.lo, -(sizes["kv"] - 1)), min(out.hi, sizes["q"] - 1)

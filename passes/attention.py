@@ -44,8 +44,6 @@ from mst_fx.masks import (MaskMod, NotAMaskMod, constant_value, diagonal_allowed
 from mst_fx.report import Region, Report, Skipped
 from mst_fx.tokenwise import arg_of, value
 
-value_of = value  # for functions that name a local 'value'
-
 KIND = "attention"
 SDPA = {torch._C._nn.scaled_dot_product_attention, F.scaled_dot_product_attention}
 CHECKPOINT = torch.ops.higher_order.tag_activation_checkpoint
@@ -109,9 +107,13 @@ def detect(gm: GraphModule, config: MSTConfig, checkpointed: bool, where) -> Rep
             except (CantRewrite, NotAMaskMod) as e:
                 report.skipped.append(Skipped(KIND, where([n]), str(e)))
                 continue
-            if region.plan.mask in counted:  # the mask is stored once, whoever reads it
-                region.bytes_saved = 0
-            counted.add(region.plan.mask)
+            except Exception as e:  # noqa: BLE001 - a graph this pass misreads stays as it is
+                report.skipped.append(Skipped(KIND, where([n]), f"could not read this attention: {e!r}"))
+                continue
+            if region.plan.eager is None:  # an SDPA mask is stored once, whoever reads it
+                if region.plan.mask in counted:
+                    region.bytes_saved = 0
+                counted.add(region.plan.mask)
             report.regions.append(region)
     return report
 
@@ -168,11 +170,8 @@ def _plan(n: Node, owner: GraphModule, path: list[Step], shared: Shared, where,
     if not isinstance(mask, Node):
         raise CantRewrite("the mask is not a graph value")
     mask, path = _outer(mask, path)
-    for s in path:
-        if len(s.parent.graph.find_nodes(op="get_attr", target=s.call.args[0].target)) != 1 or \
-                len(s.call.args[0].users) != 1:
-            raise CantRewrite("a checkpointed body shared by several calls")
-    sizes = mask_sizes(mask, q, k)
+    _check_unshared(path)
+    sizes = mask_sizes(q, k)
     mm = extract(mask, sizes)
     verdict = prove(mm, sizes)
     held = sizes["b"] * sizes["q"] * sizes["kv"]  # a bool per (batch, q, kv), at least
@@ -185,8 +184,7 @@ def _plan(n: Node, owner: GraphModule, path: list[Step], shared: Shared, where,
         if dropout not in (None, 0, 0.0):
             raise CantRewrite(f"dropout_p={dropout} inside attention: flex_attention has none "
                               f"(mask kept: {verdict.reason})")
-        if config.flex_attention == "off" or (
-                config.flex_attention == "cuda" and qv.device.type != "cuda"):
+        if not _flex_allowed(config, qv):
             raise CantRewrite(f"mask kept: {verdict.reason}; flex_attention={config.flex_attention!r} "
                               f"and the device is {qv.device.type}")
         reads = ", ".join(b.name for b in mm.buffers) or "only the indices"
@@ -196,6 +194,18 @@ def _plan(n: Node, owner: GraphModule, path: list[Step], shared: Shared, where,
                   detail=detail,
                   plan=AttentionPlan(n, owner, path, mask, mode, sizes, mm if mode == "flex" else None,
                                      shared))
+
+
+def _flex_allowed(config: MSTConfig, q: torch.Tensor) -> bool:
+    return config.flex_attention == "all" or (config.flex_attention == "cuda" and q.device.type == "cuda")
+
+
+def _check_unshared(path: list[Step]) -> None:
+    """Arguments are added to and removed from the bodies on ``path``: each must have one caller."""
+    for s in path:
+        if len(s.parent.graph.find_nodes(op="get_attr", target=s.call.args[0].target)) != 1 or \
+                len(s.call.args[0].users) != 1:
+            raise CantRewrite("a checkpointed body shared by several calls")
 
 
 # ---------------------------------------------------------------------------------------
@@ -237,7 +247,7 @@ def match_eager(softmax: Node) -> EagerAttention | None:
     if dim not in (-1, 3) or not isinstance(x, Node):
         return None
     # forward: [.to(dtype)] [dropout] then p @ v
-    p, used = softmax, [softmax]
+    p = softmax
     while len(p.users) == 1:
         u = next(iter(p.users))
         if u.op == "call_method" and u.target in ("to", "type_as") or \
@@ -246,7 +256,6 @@ def match_eager(softmax: Node) -> EagerAttention | None:
                     and arg_of(u, 2, "training", True):
                 raise CantRewrite("attention dropout p > 0 in training: flex_attention has none")
             p = u
-            used.append(u)
             continue
         break
     if len(p.users) != 1:
@@ -254,7 +263,7 @@ def match_eager(softmax: Node) -> EagerAttention | None:
     end = next(iter(p.users))
     if not (end.op == "call_function" and end.target in (torch.matmul, operator.matmul)) or end.args[0] is not p:
         return None
-    value = end.args[1]
+    v = end.args[1]
     # backward from the softmax: [+ mask], the score ops, q @ k^T
     mask = None
     if _is_add(x) and len(x.users) == 1:
@@ -262,7 +271,6 @@ def match_eager(softmax: Node) -> EagerAttention | None:
         scores, mask = (a, b) if _float_mask(b) else (b, a) if _float_mask(a) else (None, None)
         if scores is None:
             raise CantRewrite("scores plus a term that is not an additive mask")
-        used.append(x)
         x = scores
     chain = []
     while not (x.op == "call_function" and x.target in (torch.matmul, operator.matmul)):
@@ -278,13 +286,11 @@ def match_eager(softmax: Node) -> EagerAttention | None:
             and sorted(kt.args[1:3]) in ([2, 3], [-2, -1])) or len(kt.users) != 1:
         return None
     k = kt.args[0]
-    for t in (q, k, value):
-        v = value_of(t)
-        if v is None or v.dim() != 4:
-            return None
-    if value_of(q).shape[1] != value_of(k).shape[1]:
+    if any(value(t) is None or value(t).dim() != 4 for t in (q, k, v)):
+        return None
+    if value(q).shape[1] != value(k).shape[1]:
         raise CantRewrite("written-out attention with fewer key heads than query heads")
-    return EagerAttention(q, k, value, end, mask, _score_mod(list(reversed(chain))),
+    return EagerAttention(q, k, v, end, mask, _score_mod(list(reversed(chain))),
                           list(end.all_input_nodes))
 
 
@@ -296,14 +302,14 @@ def _is_add(n: Node) -> bool:
 def _float_mask(n) -> bool:
     """A [.., Q, KV] float tensor (graph value) that may be an additive mask; checked in full
     where it is computed (_bool_of)."""
-    v = value_of(n)
+    v = value(n)
     return v is not None and v.is_floating_point() and v.dim() >= 2
 
 
 def _score_op(n: Node) -> bool:
     ok = (n.op == "call_function" and n.target in SCORE_FUNCTIONS) or \
         (n.op == "call_method" and n.target in SCORE_METHODS)
-    tensors = [a for a in n.all_input_nodes]
+    tensors = n.all_input_nodes
     return ok and len(tensors) == 1 and (n.args[0] is tensors[0] or n.target in (
         operator.mul, operator.add, torch.mul, torch.add))
 
@@ -313,13 +319,11 @@ def _score_mod(chain: list[Node]) -> GraphModule:
     score = g.placeholder("score")
     for name in ("b", "h", "q", "kv"):
         g.placeholder(name)
-    env = {}
     x = score
     for n in chain:
         prev = n.all_input_nodes[0]
         args = tuple(x if a is prev else a for a in n.args)
         x = g.create_node(n.op, n.target, args, dict(n.kwargs))
-        env[n] = x
     g.output(x)
     return GraphModule(torch.nn.Module(), g)
 
@@ -346,11 +350,11 @@ def _is_zero(x) -> bool:
 
 def _plan_eager(e: EagerAttention, owner: GraphModule, path: list[Step], shared: Shared, where,
                 config: MSTConfig) -> Region:
-    qv = value_of(e.query)
-    if config.flex_attention == "off" or (config.flex_attention == "cuda" and qv.device.type != "cuda"):
+    qv = value(e.query)
+    if not _flex_allowed(config, qv):
         raise CantRewrite(f"written-out attention left as it is: flex_attention="
                           f"{config.flex_attention!r} and the device is {qv.device.type}")
-    sizes = {"b": qv.shape[0], "h": qv.shape[1], "q": qv.shape[2], "kv": value_of(e.key).shape[2]}
+    sizes = {"b": qv.shape[0], "h": qv.shape[1], "q": qv.shape[2], "kv": value(e.key).shape[2]}
     if not all(isinstance(v, int) for v in sizes.values()):
         raise CantRewrite("symbolic sequence length (dynamic shapes)")
     if e.mask is None:
@@ -366,9 +370,7 @@ def _plan_eager(e: EagerAttention, owner: GraphModule, path: list[Step], shared:
             # flex_attention gives zeros. Only take masks where that cannot happen.
             raise CantRewrite(f"written-out attention left as it is: a query may have no key "
                               f"to attend to (padding?), where flex_attention would differ ({why})")
-    for s in path:
-        if len(s.call.args[0].users) != 1:
-            raise CantRewrite("a checkpointed body shared by several calls")
+    _check_unshared(path)
     ops = ", ".join(_op_text(n) for n in e.score_mod.graph.nodes if n.op in ("call_function", "call_method"))
     detail = f"flex: written-out attention, score_mod {ops or 'none'}; {why}"
     return Region(kind=KIND, where=where([e.end]), tokens=sizes["q"], chunks=0,

@@ -108,7 +108,7 @@ def additive(S, device):
     return torch.zeros(S, S, device=device).masked_fill(kv > q, float("-inf"))
 
 
-def _sdpa_shapes(gm):
+def _tensor_shapes(gm):
     """Fake shapes of every tensor node of the rewritten graph and its bodies."""
     from mst_fx.engine import graph_modules
 
@@ -150,7 +150,7 @@ def test_provable_masks_are_dropped(build, kind):
                             expect={"attention": 1}, config=FLEX, compiler=compiler)
     (region,) = backend.report.regions
     assert region.kind == "attention" and region.detail.startswith(kind), region.detail
-    shapes = [s for gm in compiler.seen for s in _sdpa_shapes(gm)]
+    shapes = [s for gm in compiler.seen for s in _tensor_shapes(gm)]
     assert not [s for s in shapes if s[-2:] == (S, S)], shapes  # no S x S tensor left
 
 
@@ -244,7 +244,7 @@ def test_mask_mods_are_exact_and_verdicts_sound(S, causal, win, docs, docs_as_in
 
     Record(gm).run(*inputs)
     real = values[mask].expand(1, 1, S, S)
-    sizes = mask_sizes(mask, sdpa.args[0], sdpa.args[1])
+    sizes = mask_sizes(sdpa.args[0], sdpa.args[1])
     mm = extract(mask, sizes)
     bufs = [values[b] for b in mm.buffers]
     dense = create_mask(lambda b, h, qi, kvi: mm.module(b, h, qi, kvi, *bufs), 1, 1, S, S, "cpu")
@@ -350,7 +350,7 @@ def test_hf_causal_under_inductor_with_every_pass():
     compiler = recording(inductor)
     check_rewrite(model, [ids], kwargs=kwargs, loss_fn=lambda out: out.loss, compiler=compiler,
                   config=mst_fx.MSTConfig(chunks=2), expect={"attention": 2, "mlp": 2, "lm_head": 1})
-    shapes = [s for gm in compiler.seen for s in _sdpa_shapes(gm)]
+    shapes = [s for gm in compiler.seen for s in _tensor_shapes(gm)]
     assert not [s for s in shapes if s[-2:] == (S, S)], shapes
 
 
