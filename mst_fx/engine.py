@@ -120,4 +120,5 @@ def _clean(path: str) -> str:
     path = re.sub(r"^L\['[^']*'\]\.?", "", path)
     path = re.sub(r"\[(\d+)\]", r".\1", path)
     path = re.sub(r"\['([^']*)'\]", r".\1", path)
+    path = re.sub(r"(^|\.)__dict__\._modules(?=\.)", "", path)  # wrappers such as PEFT's
     return path.lstrip(".")

@@ -40,8 +40,9 @@ import torch.nn.functional as F
 from torch.fx import Graph, GraphModule, Node
 from torch.fx.node import map_arg
 
-from mst_fx.chunking import _checkpointed, bounded_chunks, chunk_rows
+from mst_fx.chunking import Body, _checkpointed, bounded_chunks, build_body, chunk_rows
 from mst_fx.config import MSTConfig
+from mst_fx.projections import Projection, find
 from mst_fx.report import Region, Report, Skipped
 from mst_fx.tokenwise import (LOSS_FUNCTIONS, arg_of, chunk_call, classify, last_dim_only, numel,
                               op_name, static_shape, value)
@@ -93,38 +94,48 @@ class HeadPlan:
     drop_logits: bool
     fp32_weight_grad: bool
     after: Node  # the loop goes right after this node
+    proj_nodes: list[Node]  # the projection: [proj], or its base and adapters (graph order)
+    adapted: Body | None  # for a projection with adapters: its nodes as a body (recompute mode)
+
+    def proj_inputs(self) -> list[Node]:
+        """What the projection reads besides the tokens, passed whole to each chunk."""
+        if self.adapted is not None:
+            return self.adapted.externals
+        return [self.weight]
 
 
 def detect(gm: GraphModule, config: MSTConfig, checkpointed: bool, where) -> Report:
     report = Report()
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    units = find(gm.graph)
     for n in gm.graph.nodes:
-        info = classify(n)
-        if info is None or info.kind != "linear" or info.out_width < MIN_VOCAB_RATIO * info.in_width \
-                or not isinstance(info.data, Node):
+        unit = units.get(n)
+        if unit is None or unit.out is not n or unit.out_width < MIN_VOCAB_RATIO * unit.in_width:
             continue
         try:
-            report.regions.append(_plan(n, info, config, order, where))
+            report.regions.append(_plan(gm, unit, config, order, where))
         except NotAHead:
             continue
         except CantChunk as e:
-            report.skipped.append(Skipped(KIND, where([n]), str(e)))
+            report.skipped.append(Skipped(KIND, where(list(unit.nodes)), str(e)))
     return report
 
 
-def _plan(proj: Node, info, config: MSTConfig, order: dict, where) -> Region:
-    if proj.target not in (torch._C._nn.linear, F.linear, torch.matmul, operator.matmul):
+def _plan(gm: GraphModule, unit: Projection, config: MSTConfig, order: dict, where) -> Region:
+    base = unit.base
+    if base.target not in (torch._C._nn.linear, F.linear, torch.matmul, operator.matmul):
         raise NotAHead()
-    matmul = proj.target in (torch.matmul, operator.matmul)
-    weight = proj.args[1] if len(proj.args) > 1 else proj.kwargs.get("weight")
-    bias = None if matmul else (proj.args[2] if len(proj.args) > 2 else proj.kwargs.get("bias"))
-    dv, zv = value(info.data), value(proj)
+    proj = unit.out
+    matmul = base.target in (torch.matmul, operator.matmul)
+    weight = base.args[1] if len(base.args) > 1 else base.kwargs.get("weight")
+    bias = None if matmul else (base.args[2] if len(base.args) > 2 else base.kwargs.get("bias"))
+    dv, zv = value(unit.data), value(proj)
     if dv is None or zv is None or dv.dim() < 2:
         raise NotAHead()
     shape = static_shape(dv)
     if shape is None:
         raise CantChunk("symbolic token count (dynamic shapes) is not chunked yet")
-    width, vocab, tokens = shape[-1], info.out_width, numel(shape[:-1])
+    width, vocab, tokens = shape[-1], unit.out_width, numel(shape[:-1])
 
     nodes, exits, whole, per_token = _grow(proj, vocab, tokens)
     if not any(e.kind != "logits" for e in exits):
@@ -133,8 +144,20 @@ def _plan(proj: Node, info, config: MSTConfig, order: dict, where) -> Region:
         raise CantChunk("no gradient in this graph (inference): nothing to save for backward")
     if bias is not None and (value(bias) is None or value(bias).dim() != 1):
         raise CantChunk("projection bias is not a vector")
+    adapted = None
+    if unit.low_rank:  # the projection's own nodes, copied into the body whole
+        for m in unit.nodes:
+            info = classify(m)
+            if info.kind == "dropout" and last_dim_only(m, info):
+                # Unlike the MLP pass's bodies, a recomputed head body with dropout gave
+                # gradients of another mask (finite differences, torch 2.13, float64).
+                raise CantChunk(f"LoRA adapter with dropout p={arg_of(m, 1, 'p', 0.5)} in training: "
+                                f"the recomputed head would draw a different mask")
+        adapted = build_body(gm, list(unit.nodes), unit.data, proj, checkpoint=False)
+        weight, bias = None, None
 
-    inputs = [info.data, weight] + ([bias] if bias is not None else []) + whole + per_token
+    proj_inputs = adapted.externals if adapted else [weight] + ([bias] if bias is not None else [])
+    inputs = [unit.data] + proj_inputs + whole + per_token
     after = max(inputs, key=order.__getitem__)
     for e in exits:
         for u in e.node.users:
@@ -144,9 +167,10 @@ def _plan(proj: Node, info, config: MSTConfig, order: dict, where) -> Region:
     scalars = [e for e in exits if e.kind == "scalar"]
     mode = config.lm_head_grad
     if mode == "forward" and (len(scalars) != 1 or any(e.kind == "tokens" for e in exits)
-                              or any(_needs_grad(t) for t in per_token)):
-        mode = "recompute"  # gradients in the forward need one scalar loss
-    wv = value(weight)
+                              or any(_needs_grad(t) for t in per_token) or adapted):
+        # Gradients in the forward need one scalar loss and one weight (no adapters).
+        mode = "recompute"
+    wv = value(weight) if weight is not None else None
     fp32_acc = mode == "forward" and config.fp32_weight_grad and wv is not None \
         and wv.dtype in (torch.bfloat16, torch.float16)
     chunks = _chunk_count(config, tokens, width, vocab, fp32_acc)
@@ -159,13 +183,15 @@ def _plan(proj: Node, info, config: MSTConfig, order: dict, where) -> Region:
                         f"weight-gradient buffer: chunking would not lower the peak "
                         f"(fp32_weight_grad=False or chunks=N chunk it)")
     held = tokens * vocab * 4  # fp32 logits (or their gradient): what plain compile holds
-    detail = f"{width}->{vocab}, " + ", ".join(_exit_name(e) for e in exits) + f", grad={mode}"
+    lora = f", LoRA r={'/'.join(map(str, unit.ranks))}" if unit.low_rank else ""
+    detail = f"{width}->{vocab}, " + ", ".join(_exit_name(e) for e in exits) + f", grad={mode}{lora}"
     return Region(
-        kind=KIND, where=where([proj]), tokens=tokens, chunks=chunks,
+        kind=KIND, where=where(list(unit.nodes)), tokens=tokens, chunks=chunks,
         bytes_saved=held - held // chunks, detail=detail,
-        plan=HeadPlan(proj, info.data, weight, bias, matmul, sorted(nodes, key=order.__getitem__),
+        plan=HeadPlan(proj, unit.data, weight, bias, matmul, sorted(nodes, key=order.__getitem__),
                       exits, whole, per_token, width, vocab, tokens, mode,
-                      config.logits == "drop", config.fp32_weight_grad, after))
+                      config.logits == "drop", config.fp32_weight_grad, after,
+                      list(unit.nodes), adapted))
 
 
 def _needs_grad(n: Node) -> bool:
@@ -386,9 +412,8 @@ def rewrite(gm: GraphModule, region: Region, names: dict) -> None:
         for u in list(e.node.users):
             if u not in plan.nodes:
                 u.replace_input_with(e.node, n)
-    for n in reversed(plan.nodes):
+    for n in reversed(plan.proj_nodes + plan.nodes):
         gm.graph.erase_node(n)
-    gm.graph.erase_node(plan.proj)
 
 
 def _exit_order(plan: HeadPlan) -> list[Exit]:
@@ -546,7 +571,7 @@ def _emit_recompute(gm: GraphModule, plan: HeadPlan, rest: GraphModule, rows: li
             attr, ident = _body_name(gm, plan, rest, names, n, "recompute", True, True, [])
             piece = cursor.fn(operator.getitem, parts, k)
             toks = [cursor.fn(operator.getitem, p, k) for p in tok_parts]
-            call = cursor.fn(INVOKE, cursor.get_attr(attr), ident, piece, plan.weight, *whole, *toks)
+            call = cursor.fn(INVOKE, cursor.get_attr(attr), ident, piece, *plan.proj_inputs(), *whole, *toks)
             for i, e in enumerate(outs):
                 y = cursor.fn(operator.getitem, call, i)
                 if e.kind == "logits":
@@ -615,16 +640,18 @@ def _body_name(gm: GraphModule, plan: HeadPlan, rest: GraphModule, names: dict, 
     """The attribute and invoke_subgraph identifier of the body for chunks of ``rows``
     tokens, built on first use; equal heads (same code, shapes, dtypes) share one."""
     whole = _whole_inputs(plan)
-    sig = [(tuple(value(a).shape), str(value(a).dtype)) for a in [plan.data, plan.weight] + whole + plan.per_token]
-    key = f"{KIND}|{rest.code}|{mode}|{plan.matmul}|{need_h}|{need_w}|{grad_whole}|{sig}|rows={rows}"
+    sig = [(tuple(value(a).shape), str(value(a).dtype))
+           for a in [plan.data] + plan.proj_inputs() + whole + plan.per_token]
+    proj = plan.adapted.key if plan.adapted is not None else plan.matmul
+    key = f"{KIND}|{rest.code}|{mode}|{proj}|{need_h}|{need_w}|{grad_whole}|{sig}|rows={rows}"
     if key not in names:
         i = len(names)
         attr, ident = f"mst_{KIND}_body_{i}", f"mst_{KIND}_{i}"
         if mode == "forward":
             body = _grad_body(plan, rest, rows, need_h, need_w, grad_whole)
         else:
-            body = _checkpointed(_full_body(gm, plan, rest), 2 + len(whole) + len(plan.per_token),
-                                 len(plan.exits))
+            n_in = 1 + len(plan.proj_inputs()) + len(whole) + len(plan.per_token)
+            body = _checkpointed(_full_body(gm, plan, rest), n_in, len(plan.exits))
         names[key] = (attr, ident, body)
     attr, ident, body = names[key]
     if not hasattr(gm, attr):
@@ -639,12 +666,17 @@ def _project(h, w, matmul: bool):
 def _full_body(owner: GraphModule, plan: HeadPlan, rest: GraphModule) -> GraphModule:
     """Projection and rest in one graph, for the recompute mode."""
     g = Graph()
-    h, w = g.placeholder("h"), g.placeholder("w")
+    h = g.placeholder("h")
+    ws = [g.placeholder(f"w_{i}") for i in range(len(plan.proj_inputs()))]
     others = [g.placeholder(f"x_{i}") for i in range(len(_whole_inputs(plan)) + len(plan.per_token))]
-    z = g.call_function(torch.matmul if plan.matmul else F.linear, (h, w))
-    g.output(g.call_module("rest", (z, *others)))
     root = torch.nn.Module()
     root.rest = rest
+    if plan.adapted is not None:  # base + adapters, as the model wrote them
+        root.proj = plan.adapted.module
+        z = g.call_function(operator.getitem, (g.call_module("proj", (h, *ws)), 0))
+    else:
+        z = g.call_function(torch.matmul if plan.matmul else F.linear, (h, *ws))
+    g.output(g.call_module("rest", (z, *others)))
     return GraphModule(root, g)
 
 

@@ -2,12 +2,14 @@
 
 Detection (structural, no model classes): an *expanding* projection (linear, matmul,
 addmm as in HF Conv1D; out_features >= min_expansion x in_features) opens a block; every
-expanding projection of the same input joins it (gate and up of a GLU). The block grows
+expanding projection of the same input joins it (gate and up of a GLU). A projection with
+LoRA adapters added (mst_fx.projections) counts as one projection. The block grows
 forward through token-wise ops (activations, gating products, bias adds, casts, splits of
-the feature dim, views that only regroup tokens, p=0 dropout) and ends at the one
+the feature dim, views that only regroup tokens, dropout) and ends at the one
 *contracting* projection. Anything else reached on the way (an op that mixes tokens, an
-intermediate also used outside the block, a second token-shaped input, a random op, a
-symbolic token count) leaves the block unchanged with that reason.
+intermediate also used outside the block, a second token-shaped input, dropout inside a
+region the model checkpointed, a symbolic token count) leaves the block unchanged with
+that reason.
 
 Rewriting hands the block to the engine (mst_fx.chunking): a body over one chunk of
 tokens, recomputed in backward, called once per chunk through invoke_subgraph.
@@ -22,6 +24,7 @@ from torch.fx import GraphModule, Node
 
 from mst_fx.chunking import Body, bounded_chunks, build_body, chunk_rows, emit_chunk_loop
 from mst_fx.config import MSTConfig
+from mst_fx.projections import Projection, find
 from mst_fx.report import Region, Report, Skipped
 from mst_fx.tokenwise import (LOSS_FUNCTIONS, OpInfo, chunk_call, classify, last_dim_only, numel, op_name,
                               static_shape, value)
@@ -52,23 +55,24 @@ class MLPPlan:
 def detect(gm: GraphModule, config: MSTConfig, checkpointed: bool, where) -> Report:
     """Regions and skipped candidates of ``gm``; ``where(nodes)`` names a module path."""
     report = Report()
-    starts_by_data: dict[Node, list[Node]] = {}
+    units = find(gm.graph)
+    starts_by_data: dict[Node, list[Projection]] = {}
     for n in gm.graph.nodes:
-        info = classify(n)
-        if info is not None and info.kind == "linear" and isinstance(info.data, Node) \
-                and info.out_width >= config.min_expansion * info.in_width:
-            starts_by_data.setdefault(info.data, []).append(n)
+        p = units.get(n)
+        if p is not None and p.out is n and p.out_width >= config.min_expansion * p.in_width:
+            starts_by_data.setdefault(p.data, []).append(p)
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
     claimed: set[Node] = set()
     for data, starts in starts_by_data.items():
+        bases = [p.base for p in starts]
         try:
-            region = _plan(data, starts, config, checkpointed, order, where)
+            region = _plan(data, starts, units, config, checkpointed, order, where)
             if claimed.intersection(region.plan.nodes):
                 raise CantChunk("overlaps a block found before it (an expansion inside a block)")
         except NotABlock:
             continue
         except CantChunk as e:
-            report.skipped.append(Skipped(KIND, where(starts), str(e)))
+            report.skipped.append(Skipped(KIND, where(bases), str(e)))
             continue
         claimed.update(region.plan.nodes)
         report.regions.append(region)
@@ -92,9 +96,9 @@ def rewrite(gm: GraphModule, region: Region, names: dict[str, tuple[str, str]]) 
         gm.graph.erase_node(n)
 
 
-def _plan(data: Node, starts: list[Node], config: MSTConfig, checkpointed: bool,
-          order: dict[Node, int], where) -> Region:
-    if _feeds_loss(starts):
+def _plan(data: Node, starts: list[Projection], units: dict[Node, Projection],
+          config: MSTConfig, checkpointed: bool, order: dict[Node, int], where) -> Region:
+    if _feeds_loss([p.out for p in starts]):
         raise NotABlock()
     dv = value(data)
     if dv is None or dv.dim() < 2:
@@ -104,20 +108,22 @@ def _plan(data: Node, starts: list[Node], config: MSTConfig, checkpointed: bool,
         raise CantChunk("symbolic token count (dynamic shapes) is not chunked yet")
     width, tokens = shape[-1], numel(shape[:-1])
 
-    nodes, end = _grow(starts)
+    nodes, end = _grow(starts, units, checkpointed)
     _check_shapes(nodes, data, width, tokens)
 
-    widths = [classify(s).out_width for s in starts]
+    widths = [p.out_width for p in starts]
     itemsize = max(value(n).element_size() for n in nodes if value(n) is not None)
     held = tokens * sum(widths) * itemsize  # what plain compile keeps for backward, about
     chunks = _chunk_count(config, tokens, sum(widths), width, held, _weight_bytes(nodes))
     nodes.sort(key=order.__getitem__)
     if nodes[-1] is not end:
         raise CantChunk(f"{op_name(end)} is not the block's last node")
+    ranks = sorted({r for p in starts + [units[end]] for r in p.ranks})
+    lora = f", LoRA r={'/'.join(map(str, ranks))}" if ranks else ""
     return Region(
         kind=KIND, where=where(nodes), tokens=tokens, chunks=chunks,
         bytes_saved=held - held // chunks,
-        detail=f"{width}->{'+'.join(map(str, widths))}->{classify(end).out_width}",
+        detail=f"{width}->{'+'.join(map(str, widths))}->{units[end].out_width}{lora}",
         plan=MLPPlan(data, nodes, width, checkpointed))
 
 
@@ -138,9 +144,13 @@ def _feeds_loss(starts: list[Node], limit: int = 64) -> bool:
     return False
 
 
-def _grow(starts: list[Node]) -> tuple[list[Node], Node]:
+def _grow(starts: list[Projection], units: dict[Node, Projection],
+          checkpointed: bool) -> tuple[list[Node], Node]:
     """All nodes reachable from ``starts`` up to contracting projections; one end allowed."""
-    region, ends, queue = set(starts), [], list(starts)
+    for p in starts:
+        _check_adapter_dropout(p, checkpointed)
+    region = {m for p in starts for m in p.nodes}
+    ends, queue = [], [p.out for p in starts]
     while queue:
         n = queue.pop()
         for u in n.users:
@@ -153,16 +163,18 @@ def _grow(starts: list[Node]) -> tuple[list[Node], Node]:
                 raise NotABlock()  # a vocabulary projection: the lm_head pass's
             if info is None:
                 raise CantChunk(f"{op_name(u)} is not token-wise (uses {n.name})")
-            if info.kind == "linear":
-                if info.data is not n:
+            unit = units.get(u)
+            if unit is not None:  # a projection of n, with its adapters if it has any
+                if unit.data is not n:
                     raise CantChunk(f"{n.name} is used as a weight by {op_name(u)}")
-                region.add(u)
-                if info.out_width < info.in_width:
-                    ends.append(u)
+                _check_adapter_dropout(unit, checkpointed)
+                region.update(unit.nodes)
+                if unit.out_width < unit.in_width:
+                    ends.append(unit.out)
                 else:
-                    queue.append(u)
+                    queue.append(unit.out)
                 continue
-            why = last_dim_only(u, info)
+            why = last_dim_only(u, info, random_ok=not checkpointed)
             if why:
                 raise CantChunk(why)
             region.add(u)
@@ -171,6 +183,14 @@ def _grow(starts: list[Node]) -> tuple[list[Node], Node]:
         raise CantChunk("no contracting projection closes the block" if not ends else
                         f"{len(ends)} contracting projections ({', '.join(e.name for e in ends)})")
     return list(region), ends[0]
+
+
+def _check_adapter_dropout(unit: Projection, checkpointed: bool) -> None:
+    for m in unit.nodes:
+        info = classify(m)
+        why = last_dim_only(m, info, random_ok=not checkpointed) if info.kind == "dropout" else None
+        if why:
+            raise CantChunk(f"LoRA adapter: {why}")
 
 
 def _check_shapes(nodes: list[Node], data: Node, width: int, tokens: int) -> None:

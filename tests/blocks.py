@@ -93,3 +93,41 @@ def squared_relu(x):
 
 def gelu_tanh(x):
     return F.gelu(x, approximate="tanh")
+
+
+class LoRALinear(nn.Module):
+    """A linear with low-rank adapters added the way PEFT's LoRA layer writes it:
+    ``base(x) + B(A(dropout(x.to(A's dtype)))) * scaling`` per adapter, then a cast back."""
+
+    def __init__(self, fan_in, fan_out, rank=4, adapters=1, dropout=0.0, bias=False):
+        super().__init__()
+        self.base = nn.Linear(fan_in, fan_out, bias=bias)
+        self.base.weight.requires_grad_(False)  # frozen, as in LoRA fine-tuning
+        self.A = nn.ModuleList(nn.Linear(fan_in, rank, bias=False) for _ in range(adapters))
+        self.B = nn.ModuleList(nn.Linear(rank, fan_out, bias=False) for _ in range(adapters))
+        for b in self.B:  # PEFT starts B at zero; random here so the adapters matter
+            nn.init.normal_(b.weight, std=0.2)
+        self.dropout = nn.Dropout(dropout) if dropout else nn.Identity()
+        self.scaling = 2.0
+
+    def forward(self, x):
+        result = self.base(x)
+        dtype = result.dtype
+        for a, b in zip(self.A, self.B):
+            if x.dtype != a.weight.dtype:
+                x = x.to(a.weight.dtype)
+            result = result + b(a(self.dropout(x))) * self.scaling
+        return result.to(dtype)
+
+
+class LoRAGLU(nn.Module):
+    """A SwiGLU block whose three projections carry LoRA adapters."""
+
+    def __init__(self, hidden, inter, **lora):
+        super().__init__()
+        self.gate = LoRALinear(hidden, inter, **lora)
+        self.up = LoRALinear(hidden, inter, **lora)
+        self.down = LoRALinear(inter, hidden, **lora)
+
+    def forward(self, x):
+        return self.down(F.silu(self.gate(x)) * self.up(x))
