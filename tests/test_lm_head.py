@@ -106,6 +106,18 @@ def test_bias_and_weight_grad_accumulation_dtype(fp32):
                   config=mst_fx.MSTConfig(chunks=4, fp32_weight_grad=fp32))
 
 
+@pytest.mark.parametrize("mode", ["forward", "recompute"])
+def test_frozen_head_weight(mode):
+    """LoRA fine-tuning leaves the (tied) head frozen: only the hidden gradient flows."""
+    torch.manual_seed(0)
+    h, labels, w = make_inputs()
+    head = Head("ce_mean")
+    head.lm.weight.requires_grad_(False)
+    backend = check_rewrite(head, [h, labels, w], expect={"lm_head": 1},
+                            config=mst_fx.MSTConfig(chunks=4, lm_head_grad=mode))
+    assert head_region(backend).plan.mode == mode and head.lm.weight.grad is None
+
+
 def test_learnable_token_weights_fall_back_to_recompute():
     """Gradients in the forward cover the projection and whole tensors; a per-token input
     that needs a gradient goes through the recompute mode, still exact."""

@@ -137,3 +137,12 @@ def test_peft_llama_matches_eager(case):
     assert all("LoRA r=4" in r.detail for r in mlps)
     trained = {n for n, p in model.named_parameters() if p.grad is not None}
     assert any("lora_A" in n for n in trained) and any("lora_B" in n for n in trained)
+
+
+def test_merged_adapters_are_plain_projections():
+    model = _peft_llama(["gate_proj", "up_proj", "down_proj"])
+    model.merge_adapter()
+    ids = torch.randint(0, V, (2, 23))
+    report = mst_fx.explain(model, input_ids=ids, labels=ids, config=CFG)
+    mlps = [r for r in report.regions if r.kind == "mlp"]
+    assert len(mlps) == 2 and not any("LoRA" in r.detail for r in mlps), str(report)
