@@ -11,7 +11,8 @@ Mechanism (measured choices, see README "Design"):
   compiles the body once (per chunk shape) and cannot merge the chunks back into one
   full-size computation.
 - Chunks come from ``tensor_split`` over the flattened tokens (sizes differ by at most 1,
-  so any token count works) and go back together with ``cat``. Each chunk output is
+  so any token count works; with a symbolic count, ``symbolic_rows``) and go back together
+  with ``cat``. Each chunk output is
   multiplied by 1.0 so that every chunk's incoming gradient is a fresh tensor with the
   same metadata, and one backward body serves all chunks.
 """
@@ -38,8 +39,12 @@ class Body:
 
 
 def build_body(owner: GraphModule, nodes: list[Node], data: Node, end: Node,
-               checkpoint: bool) -> Body:
-    """Copy ``nodes`` (in graph order, ``end`` last) into a body over one chunk of ``data``."""
+               checkpoint: bool, sizes: int = 0) -> Body:
+    """Copy ``nodes`` (in graph order, ``end`` last) into a body over one chunk of ``data``.
+
+    ``sizes``: the body also takes that many symbolic sizes, last (unused by its code):
+    Inductor compiles a subgraph's symbolic shapes from the symbols its inputs bind, and a
+    chunk's row count (a floor division of them) binds none."""
     region = set(nodes)
     calls = [(n, chunk_call(n, classify(n))) for n in nodes]
     externals: list[Node] = []
@@ -57,6 +62,8 @@ def build_body(owner: GraphModule, nodes: list[Node], data: Node, end: Node,
     env: dict[Node, Node] = {data: inner.placeholder("chunk")}
     for i, e in enumerate(externals):
         env[e] = inner.placeholder(f"ext_{i}")
+    for i in range(sizes):
+        inner.placeholder(f"size_{i}")
     for n, call in calls:
         if call is None:
             env[n] = env[n.args[0]]
@@ -69,31 +76,38 @@ def build_body(owner: GraphModule, nodes: list[Node], data: Node, end: Node,
     inner.output((env[end],))
     wrapped = GraphModule(owner, inner)
 
-    module = _checkpointed(wrapped, len(externals) + 1) if checkpoint else wrapped
+    module = _checkpointed(wrapped, len(externals) + 1 + sizes) if checkpoint else wrapped
     shapes = [tuple(value(e).shape) if value(e) is not None else repr(e) for e in externals]
-    key = f"{wrapped.code}|{checkpoint}|{shapes}|{_dtypes(externals)}"
+    key = f"{wrapped.code}|{checkpoint}|{shapes}|{_dtypes(externals)}|sizes={sizes}"
     return Body(module, externals, key)
 
 
 def emit_chunk_loop(owner: GraphModule, data: Node, end: Node, bodies: list[tuple[Body, str, str]],
-                    width: int) -> Node:
+                    width: int, symbolic: bool = False) -> Node:
     """Insert, before ``end``, the loop that computes ``end``'s value; returns the new node.
 
     ``bodies`` has one entry per chunk: (body, attribute name, invoke_subgraph identifier).
-    Interchangeable bodies share a name, so Inductor compiles them once.
+    Interchangeable bodies share a name, so Inductor compiles them once. ``symbolic``: the
+    token dims are symbolic and the same in ``data`` and ``end``; the output takes them
+    from ``data`` at run time.
     """
     g = owner.graph
-    out_shape = tuple(value(end).shape)
+    ev = value(end)
     with g.inserting_before(end):
+        sizes = [g.call_method("size", (data, i)) for i, s in enumerate(ev.shape[:-1])
+                 if not isinstance(s, int)] if symbolic else []
+        it = iter(sizes)
+        out_shape = tuple(s if isinstance(s, int) else next(it) for s in ev.shape[:-1]) + (ev.shape[-1],)
         flat = g.call_method("reshape", (data, (-1, width)))
-        parts = g.call_function(torch.tensor_split, (flat, len(bodies)))
+        parts = g.call_function(torch.split, (flat, symbolic_rows(g, flat, len(bodies)))) \
+            if symbolic else g.call_function(torch.tensor_split, (flat, len(bodies)))
         outs = []
         for i, (body, attr, ident) in enumerate(bodies):
             if not hasattr(owner, attr):
                 owner.add_submodule(attr, body.module)
             piece = g.call_function(operator.getitem, (parts, i))
             call = g.call_function(torch.ops.higher_order.invoke_subgraph,
-                                   (g.get_attr(attr), ident, piece, *body.externals))
+                                   (g.get_attr(attr), ident, piece, *body.externals, *sizes))
             y = g.call_function(operator.getitem, (call, 0))
             outs.append(g.call_function(operator.mul, (y, 1.0)))
         joined = g.call_function(torch.cat, (outs,))
@@ -111,6 +125,21 @@ def bounded_chunks(config, tokens: int, natural: int) -> tuple[int, str]:
                 f"chunks={config.chunks} with {tokens} tokens: nothing to split")
     return (min(natural, config.max_chunks, tokens // config.min_chunk_tokens),
             f"{tokens} tokens give fewer than 2 chunks of min_chunk_tokens={config.min_chunk_tokens}")
+
+
+def symbolic_rows(g: Graph, flat: Node, chunks: int) -> list:
+    """Row counts for a symbolic token count n: M-1 chunks of n // M and the rest last.
+    (tensor_split's sizes depend on n % M, so it would guard on it: a recompile whenever
+    the remainder changes sign.) Two shapes, so two compiled bodies, as with static n."""
+    n = g.call_method("size", (flat, 0))
+    q = g.call_function(operator.floordiv, (n, chunks))
+    last = g.call_function(operator.sub, (n, g.call_function(operator.mul, (q, chunks - 1))))
+    return [q] * (chunks - 1) + [last]
+
+
+def symbolic_row_labels(chunks: int) -> list[str]:
+    """Body keys for symbolic_rows' chunks."""
+    return ["n//M"] * (chunks - 1) + ["n-(M-1)*(n//M)"]
 
 
 def chunk_rows(tokens: int, chunks: int) -> list[int]:

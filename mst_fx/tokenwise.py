@@ -231,3 +231,23 @@ def op_name(node: Node) -> str:
 
 def numel(shape: tuple[int, ...]) -> int:
     return math.prod(shape)
+
+
+def hint(size) -> int:
+    """An int for a size that may be symbolic (dynamic shapes): its value in the example
+    Dynamo traced with. Used for choices (chunk counts, estimates), never for shapes."""
+    if isinstance(size, int):
+        return size
+    env = size.node.shape_env
+    read = getattr(env, "optimization_hint", None) or env.size_hint  # the former since torch 2.12
+    return int(read(size.node.expr))
+
+
+def same_size(a, b) -> bool:
+    """Whether two sizes are equal for every value of their symbols, decided without adding
+    a guard (a backend runs after Dynamo has fixed its guards)."""
+    if isinstance(a, int) and isinstance(b, int):
+        return a == b
+    from torch.fx.experimental.symbolic_shapes import statically_known_true
+
+    return statically_known_true(a == b)

@@ -8,8 +8,12 @@ forward through token-wise ops (activations, gating products, bias adds, casts, 
 the feature dim, views that only regroup tokens, dropout) and ends at the one
 *contracting* projection. Anything else reached on the way (an op that mixes tokens, an
 intermediate also used outside the block, a second token-shaped input, dropout inside a
-region the model checkpointed, a symbolic token count) leaves the block unchanged with
-that reason.
+region the model checkpointed, symbolic token dims that the block regroups) leaves the
+block unchanged with that reason.
+
+Symbolic token counts (dynamic shapes): the chunk count is chosen once, from the length
+Dynamo traced with, and the chunks are n // M rows each and the rest last (sizes that
+need no guard on n, so one compiled graph serves every length).
 
 Rewriting hands the block to the engine (mst_fx.chunking): a body over one chunk of
 tokens, recomputed in backward, called once per chunk through invoke_subgraph.
@@ -19,15 +23,17 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import partial
 
 from torch.fx import GraphModule, Node
 
-from mst_fx.chunking import Body, bounded_chunks, build_body, chunk_rows, emit_chunk_loop
+from mst_fx.chunking import (Body, bounded_chunks, build_body, chunk_rows, emit_chunk_loop,
+                             symbolic_row_labels)
 from mst_fx.config import MSTConfig
 from mst_fx.projections import Projection, find
 from mst_fx.report import Region, Report, Skipped
-from mst_fx.tokenwise import (LOSS_FUNCTIONS, OpInfo, chunk_call, classify, last_dim_only, numel, op_name,
-                              static_shape, value)
+from mst_fx.tokenwise import (LOSS_FUNCTIONS, OpInfo, chunk_call, classify, hint, last_dim_only, numel,
+                              op_name, same_size, value)
 
 KIND = "mlp"
 
@@ -46,6 +52,7 @@ class MLPPlan:
     nodes: list[Node]  # the block in graph order, the contracting projection last
     width: int
     checkpointed: bool  # the block already sits inside an activation-checkpointed region
+    symbolic: bool = False  # the token count is symbolic (dynamic shapes)
 
     @property
     def end(self) -> Node:
@@ -83,14 +90,17 @@ def rewrite(gm: GraphModule, region: Region, names: dict[str, tuple[str, str]]) 
     """Replace the block by the chunk loop. ``names`` maps body keys to (attribute,
     identifier) across the whole compile, so identical bodies are compiled once."""
     plan: MLPPlan = region.plan
-    body = build_body(gm, plan.nodes, plan.data, plan.end, checkpoint=not plan.checkpointed)
+    n_sizes = sum(not isinstance(d, int) for d in value(plan.end).shape[:-1]) if plan.symbolic else 0
+    body = build_body(gm, plan.nodes, plan.data, plan.end, checkpoint=not plan.checkpointed,
+                      sizes=n_sizes)
     per_chunk: list[tuple[Body, str, str]] = []
-    for rows in chunk_rows(region.tokens, region.chunks):
+    rows_of = symbolic_row_labels if plan.symbolic else partial(chunk_rows, region.tokens)
+    for rows in rows_of(region.chunks):
         key = f"{body.key}|rows={rows}"
         if key not in names:
             names[key] = (f"mst_{KIND}_body_{len(names)}", f"mst_{KIND}_{len(names)}")
         per_chunk.append((body, *names[key]))
-    new = emit_chunk_loop(gm, plan.data, plan.end, per_chunk, plan.width)
+    new = emit_chunk_loop(gm, plan.data, plan.end, per_chunk, plan.width, plan.symbolic)
     plan.end.replace_all_uses_with(new)
     for n in reversed(plan.nodes):
         gm.graph.erase_node(n)
@@ -103,13 +113,23 @@ def _plan(data: Node, starts: list[Projection], units: dict[Node, Projection],
     dv = value(data)
     if dv is None or dv.dim() < 2:
         raise CantChunk("input has no token dims")
-    shape = static_shape(dv)
-    if shape is None:
-        raise CantChunk("symbolic token count (dynamic shapes) is not chunked yet")
-    width, tokens = shape[-1], numel(shape[:-1])
+    width, token_count = dv.shape[-1], numel(tuple(dv.shape[:-1]))
+    if not isinstance(width, int):  # dynamic=True: known equal to the weights' width
+        if not same_size(width, starts[0].in_width):
+            raise CantChunk("symbolic feature width")
+        width = starts[0].in_width
+    # With dynamic shapes the token count is symbolic: the chunk count is chosen from the
+    # length Dynamo traced with and serves every length this graph runs at.
+    symbolic = not isinstance(token_count, int)
+    tokens = hint(token_count)
 
     nodes, end = _grow(starts, units, checkpointed)
-    _check_shapes(nodes, data, width, tokens)
+    _check_shapes(nodes, data, width, token_count)
+    ev = value(end)
+    if symbolic and (ev.dim() != dv.dim() or
+                     not all(same_size(a, b) for a, b in zip(ev.shape[:-1], dv.shape[:-1]))):
+        raise CantChunk(f"symbolic token dims regrouped between the input {tuple(dv.shape)} "
+                        f"and the output {tuple(ev.shape)}")
 
     widths = [p.out_width for p in starts]
     itemsize = max(value(n).element_size() for n in nodes if value(n) is not None)
@@ -123,8 +143,9 @@ def _plan(data: Node, starts: list[Projection], units: dict[Node, Projection],
     return Region(
         kind=KIND, where=where(nodes), tokens=tokens, chunks=chunks,
         bytes_saved=held - held // chunks,
-        detail=f"{width}->{'+'.join(map(str, widths))}->{units[end].out_width}{lora}",
-        plan=MLPPlan(data, nodes, width, checkpointed))
+        detail=f"{width}->{'+'.join(map(str, widths))}->{units[end].out_width}{lora}"
+               + (", symbolic tokens" if symbolic else ""),
+        plan=MLPPlan(data, nodes, width, checkpointed, symbolic))
 
 
 def _feeds_loss(starts: list[Node], limit: int = 64) -> bool:
@@ -200,7 +221,7 @@ def _check_shapes(nodes: list[Node], data: Node, width: int, tokens: int) -> Non
     for n in nodes:
         v = value(n)
         # Views may regroup tokens ([B*S, d] <-> [B, S, d]) but never reorder them.
-        if v is not None and (v.dim() < 2 or numel(tuple(v.shape[:-1])) != tokens):
+        if v is not None and (v.dim() < 2 or not same_size(numel(tuple(v.shape[:-1])), tokens)):
             raise CantChunk(f"{op_name(n)} changes the token dims to {tuple(v.shape)}")
         info = classify(n)
         call = chunk_call(n, info)
