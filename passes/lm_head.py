@@ -10,8 +10,9 @@ summed or averaged over all tokens (cross_entropy / nll_loss with reduction "sum
 ``.sum()``, ``.mean()``), a per-token tensor used by anything else, or logits returned by
 the graph. Other tensors read on the way must be per-token (chunked along with the
 tokens) or per-vocabulary / scalar (passed whole). Anything else (an op that mixes the
-tokens of the logits, class weights, symbolic token counts) leaves the head unchanged,
-with the reason in explain.
+tokens of the logits, class weights) leaves the head unchanged, with the reason in
+explain. A symbolic token count (dynamic shapes) is chunked in the recompute mode, M
+chosen from the traced length (see mst_fx.chunking.symbolic_rows).
 
 Rewriting: the head becomes a loop over M chunks of tokens, each an invoke_subgraph call
 of one compiled body, with one of two gradient modes (MSTConfig.lm_head_grad):
@@ -40,12 +41,13 @@ import torch.nn.functional as F
 from torch.fx import Graph, GraphModule, Node
 from torch.fx.node import map_arg
 
-from mst_fx.chunking import Body, _checkpointed, bounded_chunks, build_body, chunk_rows
+from mst_fx.chunking import (Body, _checkpointed, bounded_chunks, build_body, chunk_rows, symbolic_row_labels,
+                             symbolic_rows)
 from mst_fx.config import MSTConfig
 from mst_fx.projections import Projection, find
 from mst_fx.report import Region, Report, Skipped
-from mst_fx.tokenwise import (LOSS_FUNCTIONS, arg_of, chunk_call, classify, last_dim_only, numel,
-                              op_name, static_shape, value)
+from mst_fx.tokenwise import (LOSS_FUNCTIONS, arg_of, chunk_call, classify, hint, last_dim_only, numel,
+                              op_name, same_size, value)
 
 KIND = "lm_head"
 MIN_VOCAB_RATIO = 4
@@ -96,6 +98,7 @@ class HeadPlan:
     after: Node  # the loop goes right after this node
     proj_nodes: list[Node]  # the projection: [proj], or its base and adapters (graph order)
     adapted: Body | None  # for a projection with adapters: its nodes as a body (recompute mode)
+    symbolic: bool = False  # the token count is symbolic (dynamic shapes): recompute mode
 
     def proj_inputs(self) -> list[Node]:
         """What the projection reads besides the tokens, passed whole to each chunk."""
@@ -132,12 +135,23 @@ def _plan(gm: GraphModule, unit: Projection, config: MSTConfig, order: dict, whe
     dv, zv = value(unit.data), value(proj)
     if dv is None or zv is None or dv.dim() < 2:
         raise NotAHead()
-    shape = static_shape(dv)
-    if shape is None:
-        raise CantChunk("symbolic token count (dynamic shapes) is not chunked yet")
-    width, vocab, tokens = shape[-1], unit.out_width, numel(shape[:-1])
+    width, vocab, token_count = dv.shape[-1], unit.out_width, numel(tuple(dv.shape[:-1]))
+    if not isinstance(width, int):  # dynamic=True: known equal to the weight's width
+        if not same_size(width, unit.in_width):
+            raise CantChunk("symbolic feature width")
+        width = unit.in_width
+    # Symbolic token count (dynamic shapes): M from the traced length, recompute mode.
+    symbolic = not isinstance(token_count, int)
+    tokens = hint(token_count)
 
-    nodes, exits, whole, per_token = _grow(proj, vocab, tokens)
+    nodes, exits, whole, per_token = _grow(proj, vocab, token_count)
+    if symbolic:
+        for e in exits:
+            if e.kind != "scalar" and _shape_dims(value(e.node).shape, dv.shape, token_count) is None:
+                raise CantChunk(f"{e.node.name} {tuple(value(e.node).shape)}: symbolic token dims "
+                                f"other than the input's")
+            if e.kind == "scalar" and e.mean is not None and not isinstance(e.mean, (int, tuple)):
+                raise CantChunk(f"{op_name(e.node)}: a mean over a symbolic count of elements")
     if not any(e.kind != "logits" for e in exits):
         raise CantChunk("no loss over the logits in this graph (logits only)")
     if not zv.requires_grad:
@@ -167,8 +181,9 @@ def _plan(gm: GraphModule, unit: Projection, config: MSTConfig, order: dict, whe
     scalars = [e for e in exits if e.kind == "scalar"]
     mode = config.lm_head_grad
     if mode == "forward" and (len(scalars) != 1 or any(e.kind == "tokens" for e in exits)
-                              or any(_needs_grad(t) for t in per_token) or adapted):
-        # Gradients in the forward need one scalar loss and one weight (no adapters).
+                              or any(_needs_grad(t) for t in per_token) or adapted or symbolic):
+        # Gradients in the forward need one scalar loss, one weight (no adapters) and
+        # static chunk shapes (its bodies are traced with make_fx at their row counts).
         mode = "recompute"
     wv = value(weight) if weight is not None else None
     fp32_acc = mode == "forward" and config.fp32_weight_grad and wv is not None \
@@ -184,14 +199,15 @@ def _plan(gm: GraphModule, unit: Projection, config: MSTConfig, order: dict, whe
                         f"(fp32_weight_grad=False or chunks=N chunk it)")
     held = tokens * vocab * 4  # fp32 logits (or their gradient): what plain compile holds
     lora = f", LoRA r={'/'.join(map(str, unit.ranks))}" if unit.low_rank else ""
-    detail = f"{width}->{vocab}, " + ", ".join(_exit_name(e) for e in exits) + f", grad={mode}{lora}"
+    detail = f"{width}->{vocab}, " + ", ".join(_exit_name(e) for e in exits) + f", grad={mode}{lora}" \
+        + (", symbolic tokens" if symbolic else "")
     return Region(
         kind=KIND, where=where(list(unit.nodes)), tokens=tokens, chunks=chunks,
         bytes_saved=held - held // chunks, detail=detail,
         plan=HeadPlan(proj, unit.data, weight, bias, matmul, sorted(nodes, key=order.__getitem__),
                       exits, whole, per_token, width, vocab, tokens, mode,
                       config.logits == "drop", config.fp32_weight_grad, after,
-                      list(unit.nodes), adapted))
+                      list(unit.nodes), adapted, symbolic))
 
 
 def _needs_grad(n: Node) -> bool:
@@ -214,9 +230,9 @@ def _target_name(n: Node) -> str:
 def _level(v: torch.Tensor | None, vocab: int, tokens: int) -> str | None:
     if v is None:
         return None
-    if v.dim() >= 1 and v.shape[-1] == vocab and numel(tuple(v.shape[:-1])) == tokens:
+    if v.dim() >= 1 and same_size(v.shape[-1], vocab) and same_size(numel(tuple(v.shape[:-1])), tokens):
         return "vocab"
-    if numel(tuple(v.shape)) == tokens and v.dim() >= 1:
+    if v.dim() >= 1 and same_size(numel(tuple(v.shape)), tokens):
         return "tokens"
     if v.dim() == 0:
         return "scalar"
@@ -364,12 +380,12 @@ def _outside_inputs(u: Node, region: set, level: dict, vocab: int, tokens: int,
         av = value(a)
         if av is None:
             raise CantChunk(f"{op_name(u)} reads {a.name}, which is not a tensor")
-        if av.numel() == 1 and av.dim() <= 1:
+        if same_size(av.numel(), 1) and av.dim() <= 1:
             kind = whole
-        elif level[u] == "vocab" and av.shape[-1] == vocab and numel(tuple(av.shape[:-1])) == 1:
+        elif level[u] == "vocab" and same_size(av.shape[-1], vocab) and same_size(numel(tuple(av.shape[:-1])), 1):
             kind = whole  # bias-like, per vocabulary entry
-        elif level[u] in ("tokens", "scalar") and av.numel() == tokens and \
-                (av.dim() == 1 or any(value(s) is not None and tuple(value(s).shape) == tuple(av.shape)
+        elif level[u] in ("tokens", "scalar") and same_size(av.numel(), tokens) and \
+                (av.dim() == 1 or any(value(s) is not None and _same_shape(value(s).shape, av.shape)
                                       for s in u.all_input_nodes if s in region)):
             kind = per_token
         else:
@@ -377,6 +393,28 @@ def _outside_inputs(u: Node, region: set, level: dict, vocab: int, tokens: int,
                             f"nor per vocabulary entry")
         if a not in kind:
             kind.append(a)
+
+
+def _same_shape(a, b) -> bool:
+    return len(a) == len(b) and all(same_size(x, y) for x, y in zip(a, b))
+
+
+def _shape_dims(shape, data_shape, token_count):
+    """For each dim of ``shape``: an int, ("data", i) for the input's token dim i, or
+    ("tokens",) for the flattened token count; None if a symbolic dim is neither."""
+    out = []
+    for d in shape:
+        if isinstance(d, int):
+            out.append(d)
+            continue
+        i = next((i for i, t in enumerate(data_shape[:-1]) if same_size(d, t)), None)
+        if i is not None:
+            out.append(("data", i))
+        elif same_size(d, token_count):
+            out.append(("tokens",))
+        else:
+            return None
+    return out
 
 
 def _chunk_count(config: MSTConfig, tokens: int, width: int, vocab: int, fp32_acc: bool) -> int:
@@ -400,7 +438,7 @@ def _chunk_count(config: MSTConfig, tokens: int, width: int, vocab: int, fp32_ac
 
 def rewrite(gm: GraphModule, region: Region, names: dict) -> None:
     plan: HeadPlan = region.plan
-    rows = chunk_rows(plan.tokens, region.chunks)
+    rows = symbolic_row_labels(region.chunks) if plan.symbolic else chunk_rows(plan.tokens, region.chunks)
     rest, outs = _rest_module(gm, plan)
     if plan.mode == "forward":
         new = _emit_forward(gm, plan, rest, rows, names)
@@ -558,20 +596,31 @@ def _emit_recompute(gm: GraphModule, plan: HeadPlan, rest: GraphModule, rows: li
     with g.inserting_before(plan.after.next):
         cursor = _Cursor(g)
         flat = cursor.method("reshape", plan.data, (-1, plan.width))
-        parts = cursor.fn(torch.tensor_split, flat, len(rows))
-        tok_parts = [cursor.fn(torch.tensor_split, cursor.method("reshape", t, (-1,)), len(rows))
-                     for t in plan.per_token]
+        if plan.symbolic:  # see mst_fx.chunking: no guard on n, sizes passed to the bodies
+            sizes = symbolic_rows(g, flat, len(rows))
+            split = lambda t: cursor.fn(torch.split, t, sizes)  # noqa: E731
+            n_tokens = cursor.method("size", flat, 0)
+            body_sizes = [cursor.method("size", plan.data, i) for i, d in enumerate(value(plan.data).shape[:-1])
+                          if not isinstance(d, int)]
+        else:
+            split = lambda t: cursor.fn(torch.tensor_split, t, len(rows))  # noqa: E731
+            n_tokens, body_sizes = plan.tokens, []
+        parts = split(flat)
+        tok_parts = [split(cursor.method("reshape", t, (-1,))) for t in plan.per_token]
         logit_exits = [e for e in outs if e.kind == "logits"]
         bufs = [None if plan.drop_logits else
-                cursor.method("new_empty", flat, (plan.tokens, plan.vocab), dtype=zdtype)
+                cursor.method("new_empty", flat, (n_tokens, plan.vocab), dtype=zdtype)
                 for _ in logit_exits]
         collected: list[list[Node]] = [[] for _ in outs]
         start = 0
         for k, n in enumerate(rows):
-            attr, ident = _body_name(gm, plan, rest, names, n, "recompute", True, True, [])
+            if plan.symbolic:
+                start = cursor.fn(operator.mul, sizes[0], k)
+            attr, ident = _body_name(gm, plan, rest, names, n, "recompute", True, True, [], len(body_sizes))
             piece = cursor.fn(operator.getitem, parts, k)
             toks = [cursor.fn(operator.getitem, p, k) for p in tok_parts]
-            call = cursor.fn(INVOKE, cursor.get_attr(attr), ident, piece, *plan.proj_inputs(), *whole, *toks)
+            call = cursor.fn(INVOKE, cursor.get_attr(attr), ident, piece, *plan.proj_inputs(), *whole, *toks,
+                             *body_sizes)
             for i, e in enumerate(outs):
                 y = cursor.fn(operator.getitem, call, i)
                 if e.kind == "logits":
@@ -582,14 +631,15 @@ def _emit_recompute(gm: GraphModule, plan: HeadPlan, rest: GraphModule, rows: li
                     # A fresh tensor per chunk: every chunk's incoming gradient then has the
                     # same metadata and one backward body serves all chunks.
                     collected[i].append(cursor.fn(operator.mul, y, 1.0))
-            start += n
+            if not plan.symbolic:
+                start += n
         new = {}
         for i, e in enumerate(outs):
             if e.kind == "scalar":
                 new[e.node] = _mean(cursor, plan, e, cursor.method("sum", cursor.fn(torch.stack, collected[i])))
             elif e.kind == "tokens":
                 joined = cursor.fn(torch.cat, collected[i])
-                new[e.node] = cursor.method("reshape", joined, tuple(value(e.node).shape))
+                new[e.node] = cursor.method("reshape", joined, _shape_of(cursor, plan, e.node, flat))
             else:
                 new[e.node] = _logits_value(cursor, plan, e, bufs[logit_exits.index(e)], flat)
     return [new[e.node] for e in plan.exits]
@@ -616,7 +666,17 @@ def _mean(cursor, plan: HeadPlan, e: Exit, total: Node, zero: Node | None = None
 def _logits_value(cursor, plan: HeadPlan, e: Exit, buf: Node | None, like: Node) -> Node:
     if buf is None:
         return cursor.method("new_empty", like, (0,), dtype=value(e.node).dtype)
-    return cursor.method("reshape", buf, tuple(value(e.node).shape))
+    return cursor.method("reshape", buf, _shape_of(cursor, plan, e.node, like))
+
+
+def _shape_of(cursor, plan: HeadPlan, node: Node, flat: Node) -> tuple:
+    """``node``'s shape as reshape arguments; symbolic dims read at run time."""
+    if not plan.symbolic:
+        return tuple(value(node).shape)
+    data_shape = value(plan.data).shape
+    dims = _shape_dims(value(node).shape, data_shape, numel(tuple(data_shape[:-1])))
+    return tuple(d if isinstance(d, int) else cursor.method("size", plan.data, d[1]) if d[0] == "data"
+                 else cursor.method("size", flat, 0) for d in dims)
 
 
 class _Cursor:
@@ -636,22 +696,22 @@ class _Cursor:
 
 
 def _body_name(gm: GraphModule, plan: HeadPlan, rest: GraphModule, names: dict, rows: int,
-               mode: str, need_h: bool, need_w: bool, grad_whole: list[int]) -> tuple[str, str]:
+               mode: str, need_h: bool, need_w: bool, grad_whole: list[int], n_sizes: int = 0) -> tuple[str, str]:
     """The attribute and invoke_subgraph identifier of the body for chunks of ``rows``
     tokens, built on first use; equal heads (same code, shapes, dtypes) share one."""
     whole = _whole_inputs(plan)
     sig = [(tuple(value(a).shape), str(value(a).dtype))
            for a in [plan.data] + plan.proj_inputs() + whole + plan.per_token]
     proj = plan.adapted.key if plan.adapted is not None else plan.matmul
-    key = f"{KIND}|{rest.code}|{mode}|{proj}|{need_h}|{need_w}|{grad_whole}|{sig}|rows={rows}"
+    key = f"{KIND}|{rest.code}|{mode}|{proj}|{need_h}|{need_w}|{grad_whole}|{sig}|rows={rows}|sizes={n_sizes}"
     if key not in names:
         i = len(names)
         attr, ident = f"mst_{KIND}_body_{i}", f"mst_{KIND}_{i}"
         if mode == "forward":
             body = _grad_body(plan, rest, rows, need_h, need_w, grad_whole)
         else:
-            n_in = 1 + len(plan.proj_inputs()) + len(whole) + len(plan.per_token)
-            body = _checkpointed(_full_body(gm, plan, rest), n_in, len(plan.exits))
+            n_in = 1 + len(plan.proj_inputs()) + len(whole) + len(plan.per_token) + n_sizes
+            body = _checkpointed(_full_body(gm, plan, rest, n_sizes), n_in, len(plan.exits))
         names[key] = (attr, ident, body)
     attr, ident, body = names[key]
     if not hasattr(gm, attr):
@@ -663,12 +723,15 @@ def _project(h, w, matmul: bool):
     return h @ w if matmul else F.linear(h, w)
 
 
-def _full_body(owner: GraphModule, plan: HeadPlan, rest: GraphModule) -> GraphModule:
-    """Projection and rest in one graph, for the recompute mode."""
+def _full_body(owner: GraphModule, plan: HeadPlan, rest: GraphModule, n_sizes: int = 0) -> GraphModule:
+    """Projection and rest in one graph, for the recompute mode; ``n_sizes`` unused size
+    inputs last (symbolic token counts, see mst_fx.chunking.build_body)."""
     g = Graph()
     h = g.placeholder("h")
     ws = [g.placeholder(f"w_{i}") for i in range(len(plan.proj_inputs()))]
     others = [g.placeholder(f"x_{i}") for i in range(len(_whole_inputs(plan)) + len(plan.per_token))]
+    for i in range(n_sizes):
+        g.placeholder(f"size_{i}")
     root = torch.nn.Module()
     root.rest = rest
     if plan.adapted is not None:  # base + adapters, as the model wrote them
