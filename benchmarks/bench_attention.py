@@ -20,17 +20,17 @@ included), the loss, and what the attention pass did.
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
-import subprocess
 import sys
 
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:0] = [HERE, os.path.join(HERE, "..")]
 import mst_fx  # noqa: E402
 from mst_fx.memory import median_ms  # noqa: E402
+from rows import run_row, write_csv  # noqa: E402
 
 METHODS = ("eager_gc", "compile_gc", "mst_gc", "mst_gc_attn")
 LLAMA_32_1B = dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
@@ -120,22 +120,13 @@ def main() -> None:
             for method in args.methods:
                 cmd = [sys.executable, os.path.abspath(__file__), "--one", method, str(tokens), str(docs),
                        "--iters", str(args.iters)] + (["--quick"] if args.quick else [])
-                proc = subprocess.run(cmd, capture_output=True, text=True)
-                found = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
-                if found:
-                    row = json.loads(found[-1][len("RESULT "):])
-                else:
-                    err = (proc.stderr.strip().splitlines() or ["?"])[-1]
-                    row = {"method": method, "tokens": tokens, "docs": docs, "ms": None, "peak_gb": None,
-                           "loss": None, "attention": "OOM" if "OutOfMemory" in proc.stderr else err[:200]}
+                row = run_row(cmd, {"method": method, "tokens": tokens, "docs": docs, "ms": None,
+                                    "peak_gb": None, "loss": None}, "attention")
                 rows.append(row)
                 print(row, flush=True)
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, "results_attention.csv")
-    with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
+    write_csv(rows, path)
     print(f"\n{'method':<12} {'tokens':>7} {'docs':>4} {'ms':>9} {'peak GB':>8} {'loss':>9}  attention")
     for r in rows:
         print(f"{r['method']:<12} {r['tokens']:>7} {r['docs']:>4} {str(r['ms']):>9} {str(r['peak_gb']):>8} "

@@ -18,10 +18,8 @@ mst_fx rewrote.
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
-import subprocess
 import sys
 
 import torch
@@ -31,6 +29,7 @@ sys.path[:0] = [HERE, os.path.join(HERE, "..")]
 import mst_fx  # noqa: E402
 from bench_attention import LLAMA_32_1B, TINY, build, inputs  # noqa: E402
 from mst_fx.memory import median_ms  # noqa: E402
+from rows import run_row, write_csv  # noqa: E402
 
 METHODS = ("compile_gc", "mst_gc", "eager_gc")
 
@@ -101,22 +100,13 @@ def main() -> None:
         for method in args.methods:
             cmd = [sys.executable, os.path.abspath(__file__), "--one", method, str(tokens),
                    "--iters", str(args.iters), "--rank", str(args.rank)] + (["--quick"] if args.quick else [])
-            proc = subprocess.run(cmd, capture_output=True, text=True)
-            found = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
-            if found:
-                row = json.loads(found[-1][len("RESULT "):])
-            else:
-                err = (proc.stderr.strip().splitlines() or ["?"])[-1]
-                row = {"method": method, "tokens": tokens, "ms": None, "peak_gb": None, "loss": None,
-                       "trainable_m": None, "rewrites": "OOM" if "OutOfMemory" in proc.stderr else err[:200]}
+            row = run_row(cmd, {"method": method, "tokens": tokens, "ms": None, "peak_gb": None,
+                                "loss": None, "trainable_m": None}, "rewrites")
             rows.append(row)
             print(row, flush=True)
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, "results_lora.csv")
-    with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
+    write_csv(rows, path)
     print(f"\n{'method':<11} {'tokens':>7} {'ms':>9} {'peak GB':>8} {'loss':>9}  rewrites")
     for r in rows:
         print(f"{r['method']:<11} {r['tokens']:>7} {str(r['ms']):>9} {str(r['peak_gb']):>8} "
