@@ -16,7 +16,7 @@ import torch
 from torch._dynamo.utils import counters
 
 from mst_fx import engine
-from mst_fx.barriers import ChunkBarriers
+from mst_fx.barriers import ChunkBarriers, rewrite_identity
 from mst_fx.config import MSTConfig
 from mst_fx.report import Report, Skipped
 
@@ -34,10 +34,12 @@ log = logging.getLogger("mst_fx.backend")
 #
 # ChunkBarriers (mst_fx.barriers) keeps Inductor from summing the chunks' weight gradients
 # in one kernel after the last chunk.
-def rewrite_inductor_config(regions=None) -> dict:
+def rewrite_inductor_config(regions=None, identity: str = "") -> dict:
+    """Inductor config patches for a rewritten graph; ``identity`` goes into the cache keys
+    (see ChunkBarriers)."""
     from torch._inductor import config
 
-    patches = {"post_grad_custom_post_pass": ChunkBarriers(config.post_grad_custom_post_pass)}
+    patches = {"post_grad_custom_post_pass": ChunkBarriers(config.post_grad_custom_post_pass, identity)}
     if regions is None or any(_aliases_inputs(r) for r in regions):
         patches.update(allow_buffer_reuse=False, inplace_buffers=False)
     return patches
@@ -82,7 +84,8 @@ class MSTBackend:
         if not applied:
             return compile_fx(gm, example_inputs)
         try:
-            compiled = compile_fx(gm, example_inputs, config_patches=rewrite_inductor_config(applied))
+            patches = rewrite_inductor_config(applied, rewrite_identity(self.config))
+            compiled = compile_fx(gm, example_inputs, config_patches=patches)
         except Exception as e:  # noqa: BLE001
             log.warning("mst_fx: Inductor failed on the rewritten graph, compiling it unchanged: %r", e)
             engine.restore(saved)

@@ -18,7 +18,9 @@ peak on the H100 benchmark, so not worth the code.)
 
 from __future__ import annotations
 
+import functools
 import operator
+import pathlib
 
 import torch
 from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
@@ -30,10 +32,17 @@ BODY_PREFIX = "partitioned_bw_mst_"
 
 
 class ChunkBarriers(CustomGraphPass):
-    """Inductor custom pass; ``chained`` is a user's own post_grad_custom_post_pass, run first."""
+    """Inductor custom pass; ``chained`` is a user's own post_grad_custom_post_pass, run first.
 
-    def __init__(self, chained=None):
+    ``identity`` names the rewrite that made the graph (mst_fx's code and the MSTConfig, see
+    ``rewrite_identity``). Inductor puts ``uuid()`` in its FX graph and AOTAutograd cache
+    keys, so an artifact compiled under another config or another version of the passes is
+    never reused, and the same config in a second process hits the cache.
+    """
+
+    def __init__(self, chained=None, identity: str = ""):
         self.chained = chained
+        self.identity = identity
 
     def __call__(self, graph: Graph) -> None:
         if self.chained is not None:
@@ -41,10 +50,26 @@ class ChunkBarriers(CustomGraphPass):
         add_barriers(graph)
 
     def uuid(self):
-        mine = get_hash_for_files((__file__,))
+        mine = (get_hash_for_files((__file__,)), self.identity)
         if self.chained is None:
             return mine
         return (mine, self.chained.uuid() if hasattr(self.chained, "uuid") else repr(self.chained))
+
+
+@functools.cache
+def code_hash() -> str:
+    """Hash of every source file of mst_fx and its passes."""
+    import mst_fx
+    import mst_fx.passes
+
+    files = sorted(str(p) for m in (mst_fx, mst_fx.passes)
+                   for p in pathlib.Path(m.__file__).parent.glob("*.py"))
+    return get_hash_for_files(tuple(files)).hex()
+
+
+def rewrite_identity(config) -> str:
+    """What a rewritten graph depends on besides itself: the code and the config."""
+    return f"{code_hash()}|{config!r}"
 
 
 def add_barriers(graph: Graph) -> int:

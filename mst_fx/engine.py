@@ -71,8 +71,58 @@ def rewrite(gm: GraphModule, config: MSTConfig) -> Report:
         if report.regions:
             mod.graph.lint()
             mod.recompile()
+            fill_example_values(mod)
         total.extend(report)
     return total
+
+
+def fill_example_values(gm: GraphModule) -> int:
+    """Give the nodes a rewrite added the ``example_value`` (fake tensor) that Dynamo gives
+    every node of its graphs; returns how many were filled.
+
+    AOTAutograd's cache refuses a graph with a method call on a node without one ("Unsupported
+    call_method target"), so without them no rewritten graph was ever cached. Values are
+    computed by running each new node on its inputs' fake values in the graph's fake mode
+    (a chunk body is run whole). A node that cannot be run keeps no value: its graph is
+    still compiled, only not cached by AOTAutograd.
+    """
+    from torch._subclasses.fake_tensor import FakeTensor
+    from torch.fx.node import map_arg
+
+    mode = next((v.fake_mode for n in gm.graph.nodes
+                 if isinstance(v := n.meta.get("example_value"), FakeTensor)), None)
+    if mode is None:
+        return 0
+    filled = 0
+    with mode:
+        for n in gm.graph.nodes:
+            if n.op not in ("call_function", "call_method") or "example_value" in n.meta:
+                continue
+            missing = []
+            args, kwargs = map_arg((n.args, n.kwargs), lambda a: _fake(gm, a, missing))
+            if missing:
+                continue
+            try:
+                if n.op == "call_method":
+                    v = getattr(args[0], n.target)(*args[1:], **kwargs)
+                elif n.target is torch.ops.higher_order.invoke_subgraph:
+                    v = tuple(args[0](*args[2:]))
+                else:
+                    v = n.target(*args, **kwargs)
+            except Exception as e:  # noqa: BLE001 - only caching is lost
+                log.debug("mst_fx: no example value for %s: %r", n.format_node(), e)
+                continue
+            n.meta["example_value"] = v
+            filled += 1
+    return filled
+
+
+def _fake(gm: GraphModule, a: Node, missing: list):
+    if a.op == "get_attr":
+        return getattr(gm, a.target)
+    if "example_value" not in a.meta:
+        missing.append(a)
+    return a.meta.get("example_value")
 
 
 def snapshot(gm: GraphModule) -> list[tuple[GraphModule, Graph]]:
