@@ -33,3 +33,28 @@ def test_bench_lm_head_quick(tmp_path):
     losses = {r["loss"] for r in rows}
     assert max(losses) - min(losses) < 1e-4, losses
     assert (tmp_path / "head.csv").read_text().startswith("table,method,tokens")
+
+
+def test_bench_train_quick(tmp_path):
+    """The end-to-end script on CPU (tiny Llama, 128 and 256 tokens, one step): a row per
+    method and length (peers without their package say so), mst's losses equal
+    torch.compile's, the fit and the plot are written."""
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "bench_train.py"), "--quick",
+                          "--out", str(tmp_path)], capture_output=True, text=True, check=True).stdout
+    bench = load("bench_train")
+    rows = bench.read_csv([str(tmp_path / "results_train_tiny.csv")])
+    by = {(r["method"], r["tokens"]): r for r in rows}
+    assert {m for m, _ in by} == set(bench.METHODS), out
+    for method in ("eager", "eager_gc", "compile_gc", "mst_gc", "mst"):
+        for tokens in (128, 256):
+            assert by[(method, tokens)]["peak_gb"] >= 0 and by[(method, tokens)]["ms"] > 0, by[(method, tokens)]
+    for method in ("mst_gc", "mst"):
+        for tokens in (128, 256):
+            row = by[(method, tokens)]
+            assert abs(row["loss"] - by[("compile_gc", tokens)]["loss"]) < 1e-4, row
+            assert "mlp x2" in row["rewrites"] and "lm_head x1" in row["rewrites"], row
+    assert "longest sequence within" in out
+    assert (tmp_path / "train_tiny.png").stat().st_size > 1000
