@@ -28,7 +28,8 @@ Per (method, length): median step time over --iters steps after one warm-up step
 peak memory (torch.cuda.max_memory_allocated over the timed steps: weights, gradients and
 optimizer state included), the loss, and for mst_* the difference from compile_gc's loss on
 the same inputs. Per method: the longest sequence that fits in --capacity-gb, from the line
-through its two longest runs (peak vs tokens); --check runs one method at that length.
+through its two longest runs (peak vs tokens); --check runs one method at that length
+(warm-up and one timed step).
 
 Writes results_train_<preset>.csv and train_<preset>.png (peak memory and tokens/s vs
 length, one line per method) under --out; --plot CSV... redraws both from earlier runs.
@@ -300,9 +301,9 @@ def main() -> None:
         run_method(args.one, preset, args.tokens, args.iters, args.adamw, args.quick, args.layers, args.mst_logits)
         return
 
-    def child(method: str, tokens: list[int]) -> list[dict]:
+    def child(method: str, tokens: list[int], iters: int = args.iters) -> list[dict]:
         cmd = [sys.executable, os.path.abspath(__file__), "--one", method, "--tokens", *map(str, tokens),
-               "--iters", str(args.iters)] + (["--quick"] if args.quick else []) + \
+               "--iters", str(iters)] + (["--quick"] if args.quick else []) + \
               (["--adamw"] if args.adamw else []) + (["--layers", str(args.layers)] if args.layers else []) + \
               (["--preset", args.preset] if not args.quick else []) + ["--mst-logits", args.mst_logits]
         got, error = run_rows(cmd)
@@ -320,7 +321,7 @@ def main() -> None:
     for method in args.check:
         n = longest(rows, method, args.capacity_gb)
         if n:
-            for r in child(method, [n // 8192 * 8192]):
+            for r in child(method, [n // 8192 * 8192], iters=1):  # one timed step: it fits or not
                 rows.append({**r, "kind": "check"})
     report(rows, args.out, preset, args.capacity_gb, title)
 
