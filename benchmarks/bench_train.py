@@ -56,15 +56,14 @@ sys.path[:0] = [HERE, os.path.join(HERE, "..")]
 import mst_fx  # noqa: E402
 from mst_fx.backend import aot_eager_compiler  # noqa: E402
 from mst_fx.memory import median_ms, peak_bytes  # noqa: E402
+from bench_attention import LLAMA_32_1B  # noqa: E402
 from rows import run_rows, write_csv  # noqa: E402
 
 METHODS = ("eager", "eager_gc", "compile_gc", "compile_gc_autochunk", "liger_gc", "cce_gc", "mst_gc", "mst")
 LENGTHS = (8192, 16384, 32768, 65536, 131072, 262144)
 LONG = dict(rope_theta=500000.0, max_position_embeddings=524288)
 PRESETS = {
-    "llama-3.2-1b": ("llama", dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
-                                   num_attention_heads=32, num_key_value_heads=8, vocab_size=128256,
-                                   tie_word_embeddings=True, **LONG)),
+    "llama-3.2-1b": ("llama", dict(LLAMA_32_1B, **LONG)),
     "llama-3-8b": ("llama", dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
                                  num_attention_heads=32, num_key_value_heads=8, vocab_size=128256,
                                  tie_word_embeddings=False, **LONG)),

@@ -50,7 +50,7 @@ class ChunkBarriers(CustomGraphPass):
         add_barriers(graph)
 
     def uuid(self):
-        mine = (get_hash_for_files((__file__,)), self.identity)
+        mine = self.identity or get_hash_for_files((__file__,))  # identity hashes this file too
         if self.chained is None:
             return mine
         return (mine, self.chained.uuid() if hasattr(self.chained, "uuid") else repr(self.chained))
