@@ -43,6 +43,7 @@ length, one line per method) under --out; --plot CSV... redraws both from earlie
 from __future__ import annotations
 
 import argparse
+import ast
 import csv
 import gc
 import json
@@ -97,8 +98,8 @@ def build(preset: str, method: str, device: str, layers: int | None):
     return model.train()
 
 
-def loss_fn(model, method: str, quick: bool, logits: str = "drop"):
-    """(batch -> loss, mst backend or None) for ``method``."""
+def loss_fn(model, method: str, quick: bool, logits: str = "drop", mst: dict | None = None):
+    """(batch -> loss, mst backend or None) for ``method``; ``mst``: MSTConfig fields."""
     if method in ("eager", "eager_gc", "liger_gc"):
         return (lambda b: model(**b).loss), None
     if method == "cce_gc":
@@ -115,14 +116,15 @@ def loss_fn(model, method: str, quick: bool, logits: str = "drop"):
         torch._inductor.config.auto_chunker.enable = method == "compile_gc_autochunk"
         compiled = torch.compile(model, backend="aot_eager" if quick else "inductor")
         return (lambda b: compiled(**b).loss), None
-    backend = mst_fx.make_backend(logits=logits, min_chunk_tokens=32, compiler=aot_eager_compiler) if quick \
-        else mst_fx.make_backend(logits=logits)
+    fields = dict(mst or {}, logits=logits)
+    backend = mst_fx.make_backend(**dict(fields, min_chunk_tokens=32), compiler=aot_eager_compiler) if quick \
+        else mst_fx.make_backend(**fields)
     compiled = torch.compile(model, backend=backend)
     return (lambda b: compiled(**b).loss), backend
 
 
 def run_method(method: str, preset: str, lengths: list[int], iters: int, adamw: bool, quick: bool,
-               layers: int | None, logits: str = "drop") -> None:
+               layers: int | None, logits: str = "drop", mst: dict | None = None) -> None:
     """Child process: one ``RESULT {json}`` line per length; stops after an OOM."""
     device = "cpu" if quick else "cuda"
     torch._dynamo.config.automatic_dynamic_shapes = False  # every length its own static graph
@@ -131,7 +133,7 @@ def run_method(method: str, preset: str, lengths: list[int], iters: int, adamw: 
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5) if adamw else None
     for tokens in sorted(lengths):
         torch._dynamo.reset()
-        f, backend = loss_fn(model, method, quick, logits)
+        f, backend = loss_fn(model, method, quick, logits, mst)
         g = torch.Generator().manual_seed(tokens)
         ids = torch.randint(0, vocab, (1, tokens), generator=g).to(device)
         batch = {"input_ids": ids, "labels": ids, "use_cache": False}
@@ -162,7 +164,7 @@ def run_method(method: str, preset: str, lengths: list[int], iters: int, adamw: 
         if backend is not None:
             kinds = [r.kind for r in backend.report.regions if r.applied]
             row["rewrites"] = (", ".join(f"{k} x{kinds.count(k)}" for k in sorted(set(kinds))) or "none") \
-                + f"; logits {logits}"
+                + f"; logits {logits}" + "".join(f"; {k}={v}" for k, v in (mst or {}).items())
         row.update(ms=round(ms, 1), tokens_per_s=round(tokens / ms * 1e3), peak_gb=round(peak / 1e9, 3),
                    loss=round(losses[0], 5))
         print("RESULT " + json.dumps(row), flush=True)
@@ -282,6 +284,8 @@ def main() -> None:
     p.add_argument("--check", nargs="*", default=[], metavar="METHOD",
                    help="run these methods once at their fitted longest length")
     p.add_argument("--mst-logits", default="drop", choices=("drop", "keep"), help="MSTConfig.logits")
+    p.add_argument("--mst", nargs="*", default=[], metavar="FIELD=VALUE",
+                   help="other MSTConfig fields for the mst methods (Python literals)")
     p.add_argument("--out", default=os.environ.get("OUT", "."))
     p.add_argument("--quick", action="store_true", help="CPU, tiny model, 128 and 256 tokens, 1 step")
     p.add_argument("--plot", nargs="+", metavar="CSV", help="table and plot from earlier runs' CSVs")
@@ -297,14 +301,17 @@ def main() -> None:
         report(read_csv(args.plot), args.out, preset, args.capacity_gb, title)
         return
     if args.one:
-        run_method(args.one, preset, args.tokens, args.iters, args.adamw, args.quick, args.layers, args.mst_logits)
+        mst = {k: ast.literal_eval(v) for k, v in (o.split("=", 1) for o in args.mst)}
+        run_method(args.one, preset, args.tokens, args.iters, args.adamw, args.quick, args.layers,
+                   args.mst_logits, mst)
         return
 
     def child(method: str, tokens: list[int], iters: int = args.iters) -> list[dict]:
         cmd = [sys.executable, os.path.abspath(__file__), "--one", method, "--tokens", *map(str, tokens),
                "--iters", str(iters)] + (["--quick"] if args.quick else []) + \
               (["--adamw"] if args.adamw else []) + (["--layers", str(args.layers)] if args.layers else []) + \
-              (["--preset", args.preset] if not args.quick else []) + ["--mst-logits", args.mst_logits]
+              (["--preset", args.preset] if not args.quick else []) + ["--mst-logits", args.mst_logits] + \
+              (["--mst", *args.mst] if args.mst else [])
         got, error = run_rows(cmd)
         done = {r["tokens"] for r in got}
         missing = [t for t in sorted(tokens) if t not in done]

@@ -5,8 +5,10 @@ Mechanism (measured choices, see README "Design"):
   ``[n, d]`` plus the region's other inputs (weights, biases) whole.
 - The body is wrapped in ``tag_activation_checkpoint``, so autograd keeps only the body's
   inputs and recomputes its intermediates in backward. Inside a region that is itself under
-  activation checkpointing the wrap is left out: the outer recompute already re-runs the
-  chunk right before its backward, and a second wrap would add a third forward.
+  activation checkpointing the wrap stays by default (MSTConfig.recompute_in_checkpoint):
+  the outer recompute re-runs all chunks before the first chunk's backward, so without it
+  every chunk's intermediates would be alive at once; with it each chunk's forward runs a
+  third time, right before its backward.
 - Each chunk runs through ``invoke_subgraph``: a fusion and scheduling barrier, so Inductor
   compiles the body once (per chunk shape) and cannot merge the chunks back into one
   full-size computation.

@@ -19,10 +19,11 @@ of one compiled body, with one of two gradient modes (MSTConfig.lm_head_grad):
 - "forward": when the head's only loss exit is one scalar, each chunk's body computes its
   loss *and* its gradients (d hidden, d logits; traced with make_fx from autograd). The
   weight gradient is accumulated chunk by chunk into one buffer (fp32 for bf16 weights,
-  mst_fx.ops.addmm_into), the hidden gradient written into one [tokens, H] buffer. The
-  loss is returned as ``L + (S - S.detach())`` with ``S = <h, dh> + <W, dW> + ...``: its
-  value is exactly L and autograd's gradient of it is exactly the stored gradients times
-  the incoming one, so the projection runs once instead of twice.
+  mst_fx.ops.mm_acc then addmm_into), the hidden gradient written into one [tokens, H]
+  buffer. The loss is returned as ``L + (S - S.detach())`` with ``S = <h, dh> + ...`` and
+  the weight gradient attached by mst_fx.ops.with_grad: its value is exactly L and
+  autograd's gradient of it is exactly the stored gradients times the incoming one, so
+  the projection runs once instead of twice.
 - "recompute": the body (projection + loss) runs under activation checkpointing; its
   logits are recomputed in backward. Used for per-token losses and several loss terms.
 Logits that the graph returns are written chunk by chunk into one buffer in the model's
@@ -532,7 +533,7 @@ def _emit_forward(gm: GraphModule, plan: HeadPlan, rest: GraphModule, rows: list
         parts = cursor.fn(torch.tensor_split, hd, len(rows))
         tok_parts = [cursor.fn(torch.tensor_split, cursor.method("reshape", cursor.method("detach", t), (-1,)),
                                len(rows)) for t in plan.per_token]
-        acc = cursor.fn(torch.zeros_like, wd, dtype=acc_dtype) if need_w else None
+        acc = None  # the weight gradient: the first chunk's product, then added into
         gh = cursor.fn(torch.empty_like, hd) if need_h else None
         bufs = [None if plan.drop_logits else
                 cursor.method("new_empty", hd, (plan.tokens, plan.vocab), dtype=zdtype) for _ in logits]
@@ -550,10 +551,12 @@ def _emit_forward(gm: GraphModule, plan: HeadPlan, rest: GraphModule, rows: list
                 cursor.fn(torch.ops.mst_fx.write_rows, gh, start, got.pop(0))
             if need_w:
                 dz = got.pop(0)
-                if plan.matmul:  # W [H, V]: dW += h^T dz
-                    cursor.fn(torch.ops.mst_fx.addmm_into, acc, cursor.method("t", piece), dz)
-                else:  # W [V, H]: dW += dz^T h
-                    cursor.fn(torch.ops.mst_fx.addmm_into, acc, cursor.method("t", dz), piece)
+                # W [H, V]: dW += h^T dz; W [V, H]: dW += dz^T h
+                a, b = (cursor.method("t", piece), dz) if plan.matmul else (cursor.method("t", dz), piece)
+                if acc is None:
+                    acc = cursor.fn(torch.ops.mst_fx.mm_acc, a, b, acc_dtype)
+                else:
+                    cursor.fn(torch.ops.mst_fx.addmm_into, acc, a, b)
             for j in range(len(grad_whole)):
                 gpart = got.pop(0)
                 whole_grads[j] = gpart if whole_grads[j] is None else cursor.fn(operator.add, whole_grads[j], gpart)
@@ -566,20 +569,25 @@ def _emit_forward(gm: GraphModule, plan: HeadPlan, rest: GraphModule, rows: list
         terms = []
         if need_h:
             terms.append(cursor.method("sum", cursor.fn(operator.mul, flat, gh), dtype=torch.float32))
-        if need_w:
-            terms.append(cursor.method("sum", cursor.fn(operator.mul, plan.weight, acc), dtype=torch.float32))
         for j, i in enumerate(grad_whole):
             terms.append(cursor.method("sum", cursor.fn(operator.mul, whole[i], whole_grads[j]),
                                        dtype=torch.float32))
+        loss_dtype = value(outs[0].node).dtype
+        zero = None  # an exactly zero term that carries the gradients (docstring)
         if terms:
             s = terms[0]
             for t in terms[1:]:
                 s = cursor.fn(operator.add, s, t)
-            zero = cursor.fn(operator.sub, s, cursor.method("detach", s))
-            zero = cursor.method("to", zero, value(outs[0].node).dtype)
-            new = {outs[0].node: _mean(cursor, plan, outs[0], total, zero)}
-        else:
-            new = {outs[0].node: _mean(cursor, plan, outs[0], total)}
+            zero = cursor.method("to", cursor.fn(operator.sub, s, cursor.method("detach", s)), loss_dtype)
+        if need_w:
+            # Autograd keeps the weight gradient from the forward to the backward (for a tied
+            # weight, to the end of it): in the weight's dtype, the fp32 accumulator rounded
+            # once here (see mst_fx.ops).
+            dw = acc if acc_dtype == wv.dtype else cursor.method("to", acc, wv.dtype)
+            if zero is None:
+                zero = cursor.method("to", cursor.fn(torch.zeros_like, total), loss_dtype)
+            zero = cursor.fn(torch.ops.mst_fx.with_grad, zero, plan.weight, dw)
+        new = {outs[0].node: _mean(cursor, plan, outs[0], total, zero)}
         for e, b in zip(logits, bufs):
             new[e.node] = _logits_value(cursor, plan, e, b, hd)
     return [new[e.node] for e in plan.exits]

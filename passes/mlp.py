@@ -11,6 +11,11 @@ intermediate also used outside the block, a second token-shaped input, dropout i
 region the model checkpointed, symbolic token dims that the block regroups) leaves the
 block unchanged with that reason.
 
+Mixture-of-experts layers whose experts run as one grouped GEMM over the tokens sorted by
+expert (``torch._grouped_mm`` with per-expert row offsets, as Hugging Face's default
+"grouped_mm" experts) are not chunked: a chunk of those rows would need the offsets
+re-based to it, which this pass does not do. Each such layer is reported as skipped.
+
 Symbolic token counts (dynamic shapes): the chunk count is chosen once, from the length
 Dynamo traced with, and the chunks are n // M rows each and the rest last (sizes that
 need no guard on n, so one compiled graph serves every length).
@@ -53,6 +58,7 @@ class MLPPlan:
     width: int
     checkpointed: bool  # the block already sits inside an activation-checkpointed region
     symbolic: bool = False  # the token count is symbolic (dynamic shapes)
+    wrap: bool = True  # the body runs under its own checkpoint (MSTConfig.recompute_in_checkpoint)
 
     @property
     def end(self) -> Node:
@@ -62,6 +68,7 @@ class MLPPlan:
 def detect(gm: GraphModule, config: MSTConfig, checkpointed: bool, where) -> Report:
     """Regions and skipped candidates of ``gm``; ``where(nodes)`` names a module path."""
     report = Report()
+    report.skipped += _grouped_experts(gm, where)
     units = find(gm.graph)
     starts_by_data: dict[Node, list[Projection]] = {}
     for n in gm.graph.nodes:
@@ -86,12 +93,25 @@ def detect(gm: GraphModule, config: MSTConfig, checkpointed: bool, where) -> Rep
     return report
 
 
+def _grouped_experts(gm: GraphModule, where) -> list[Skipped]:
+    """One Skipped per module that runs grouped GEMMs (MoE experts; see the docstring)."""
+    seen: dict[str, Skipped] = {}
+    for n in gm.graph.nodes:
+        name = str(getattr(n.target, "__name__", n.target))
+        if n.op == "call_function" and "grouped_mm" in name:
+            at = where([n])
+            seen.setdefault(at, Skipped(KIND, at, (
+                f"mixture-of-experts grouped GEMM ({name}) over tokens sorted by expert: "
+                "chunking it needs per-chunk expert offsets, not done")))
+    return list(seen.values())
+
+
 def rewrite(gm: GraphModule, region: Region, names: dict[str, tuple[str, str]]) -> None:
     """Replace the block by the chunk loop. ``names`` maps body keys to (attribute,
     identifier) across the whole compile, so identical bodies are compiled once."""
     plan: MLPPlan = region.plan
     n_sizes = sum(not isinstance(d, int) for d in value(plan.end).shape[:-1]) if plan.symbolic else 0
-    body = build_body(gm, plan.nodes, plan.data, plan.end, checkpoint=not plan.checkpointed,
+    body = build_body(gm, plan.nodes, plan.data, plan.end, checkpoint=plan.wrap,
                       sizes=n_sizes)
     per_chunk: list[tuple[Body, str, str]] = []
     rows_of = symbolic_row_labels if plan.symbolic else partial(chunk_rows, region.tokens)
@@ -145,7 +165,8 @@ def _plan(data: Node, starts: list[Projection], units: dict[Node, Projection],
         bytes_saved=held - held // chunks,
         detail=f"{width}->{'+'.join(map(str, widths))}->{units[end].out_width}{lora}"
                + (", symbolic tokens" if symbolic else ""),
-        plan=MLPPlan(data, nodes, width, checkpointed, symbolic))
+        plan=MLPPlan(data, nodes, width, checkpointed, symbolic,
+                     wrap=not checkpointed or config.recompute_in_checkpoint))
 
 
 def _feeds_loss(starts: list[Node], limit: int = 64) -> bool:
