@@ -85,8 +85,9 @@ def hf_llama_step_peak(backend, model, ids):
 def test_hf_llama_step_with_logits_kept():
     """HF Llama, V=32000, 2 layers, 4 x 1024 tokens, logits kept in the output (fp32: 500 MiB
     of the peak on both sides). Issue target <= 0.5x plain compile. With the default
-    min_chunk_tokens=1024 the head gets 4 chunks and the measured ratio is 0.52 (see
-    benchmarks/RESULTS.md); with chunks of 512 tokens the target is met."""
+    min_chunk_tokens=1024 the head gets 4 chunks and the measured ratio was 0.52 (see
+    benchmarks/RESULTS.md; not compiled here for the suite's time); with chunks of 512
+    tokens the target is met."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
@@ -95,9 +96,7 @@ def test_hf_llama_step_with_logits_kept():
                                          num_key_value_heads=2))
     ids = torch.randint(0, 32000, (4, 1024))
     plain = hf_llama_step_peak("inductor", model, ids)
-    default = hf_llama_step_peak(mst_fx.make_backend(), model, ids)
     smaller = mst_fx.make_backend(min_chunk_tokens=512)
     small_chunks = hf_llama_step_peak(smaller, model, ids)
     assert [r.chunks for r in smaller.report.regions if r.kind == "lm_head"] == [8]
-    assert default <= 0.55 * plain, (default / 2**20, plain / 2**20)
     assert small_chunks <= 0.5 * plain, (small_chunks / 2**20, plain / 2**20)

@@ -1,22 +1,17 @@
-"""Hugging Face causal LMs from small configs (random weights, no downloads): every MLP is
-chunked and a training step equals eager, with and without gradient checkpointing."""
+"""Hugging Face models from small configs (random weights, no downloads) through Inductor:
+every MLP is chunked and a training step equals eager under gradient checkpointing, and
+BERT's residual over the MLP input. Every family without checkpointing: tests/zoo."""
 
 import pytest
 import torch
 
 import mst_fx
-from mst_fx.backend import aot_eager_compiler
 from helpers import check_rewrite
 
 transformers = pytest.importorskip("transformers")
 
 CFG = mst_fx.MSTConfig(chunks=4)
 SMALL = dict(vocab_size=96, hidden_size=64, num_hidden_layers=2, num_attention_heads=4)
-
-
-def llama():
-    return transformers.LlamaForCausalLM(transformers.LlamaConfig(
-        **SMALL, intermediate_size=176, num_key_value_heads=2))
 
 
 def gpt2():  # Conv1D MLP with gelu_new, tied head
@@ -31,22 +26,18 @@ def phi3():  # fused gate_up projection
         resid_pdrop=0.0, embd_pdrop=0.0, attention_dropout=0.0))
 
 
-@pytest.mark.parametrize("make", [llama, gpt2, phi3], ids=["llama", "gpt2", "phi3"])
-@pytest.mark.parametrize("checkpointing", [False, True], ids=["plain", "grad_ckpt"])
-def test_training_step_matches_eager(make, checkpointing):
+# Without checkpointing every family is checked in tests/zoo (AOTAutograd, eager kernels);
+# Llama under checkpointing and Inductor with every pass in tests/test_attention.py.
+@pytest.mark.parametrize("make", [gpt2, phi3], ids=["gpt2", "phi3"])
+def test_checkpointed_training_step_matches_eager(make):
     model = make().train()
-    if checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     ids = torch.randint(0, 96, (2, 23))  # 46 tokens: not divisible by 4
     # Without a cache (checkpointing turns it off) HF builds a causal mask in the graph,
-    # which the attention pass drops; with one, SDPA already gets is_causal=True.
-    # Inductor compiles each model under checkpointing (mask rewrite, nested bodies); the
-    # plain variant checks the MLP rewrite through AOTAutograd with eager kernels (the
-    # suite's time on 2 cores).
-    backend = check_rewrite(model, [ids], kwargs={"labels": ids},
-                            expect={"mlp": 2, "attention": 2 if checkpointing else 0},
-                            config=CFG, loss_fn=lambda out: out.loss,
-                            compiler=None if checkpointing else aot_eager_compiler)
+    # which the attention pass drops. Inductor compiles the nested bodies (chunk
+    # checkpoints inside the layer's).
+    backend = check_rewrite(model, [ids], kwargs={"labels": ids}, expect={"mlp": 2, "attention": 2},
+                            config=CFG, loss_fn=lambda out: out.loss)
     wheres = sorted(r.where for r in backend.report.regions if r.kind == "mlp")
     assert len(wheres) == 2 and all(w.endswith("mlp") for w in wheres), wheres
 
