@@ -167,7 +167,9 @@ def module_path(nodes: list[Node]) -> str:
 
 
 def _clean(path: str) -> str:
-    path = re.sub(r"^L\['[^']*'\]\.?", "", path)
+    # The root: L['self'], or L['args'][0] when the model's forward is wrapped by a
+    # decorator taking *args (transformers 5.24's causal-LM forward).
+    path = re.sub(r"^L\['[^']*'\](\[\d+\])?\.?", "", path)
     path = re.sub(r"\[(\d+)\]", r".\1", path)
     path = re.sub(r"\['([^']*)'\]", r".\1", path)
     path = re.sub(r"(^|\.)__dict__\._modules(?=\.)", "", path)  # wrappers such as PEFT's

@@ -317,3 +317,14 @@ class PostNorm(nn.Module):
 def test_residual_over_the_block_input_is_exact():
     x = torch.randn(2, 40, H, requires_grad=True)
     check_rewrite(PostNorm(), [x], expect={"mlp": 1}, config=CFG)
+
+
+@pytest.mark.parametrize("dynamo_path,expect", [
+    ("L['self'].model.layers[0].mlp", "model.layers.0.mlp"),
+    ("L['args'][0].model.layers.0.mlp", "model.layers.0.mlp"),  # forward behind a *args decorator
+    ("L['self'].base_model.__dict__._modules['model'].layers[1]", "base_model.model.layers.1"),
+])
+def test_module_paths_read_as_named_modules(dynamo_path, expect):
+    from mst_fx.engine import _clean
+
+    assert _clean(dynamo_path) == expect
