@@ -6,8 +6,8 @@ give (tests/zoo/readme_table.py).
 
 The rewritten graphs run through AOTAutograd with eager kernels (aot_eager_compiler): the
 rewrite is checked on every family within the suite's time on 2 cores; Inductor's kernels
-are checked on Llama, GPT2, Phi3, BERT in tests/test_models.py and on the rest with
-``MST_FX_ZOO_INDUCTOR=1``.
+are checked on GPT2, Phi3, BERT (tests/test_models.py) and Llama (tests/test_attention.py),
+and on every family with ``MST_FX_ZOO_INDUCTOR=1``.
 """
 
 import os
