@@ -27,7 +27,6 @@ import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [HERE, os.path.join(HERE, "..")]
-import mst_fx  # noqa: E402
 from bench_train import PRESETS, build, loss_fn  # noqa: E402
 
 TORCH_DIR = os.path.dirname(torch.__file__)
@@ -80,13 +79,8 @@ def main() -> None:
     args = p.parse_args()
 
     model = build(args.preset, args.method, "cuda", None)
-    if args.method.startswith("mst"):
-        overrides = {k: ast.literal_eval(v) for k, v in (o.split("=", 1) for o in args.mst)}
-        overrides.setdefault("logits", "drop")
-        compiled = torch.compile(model, backend=mst_fx.make_backend(**overrides))
-        f = lambda b: compiled(**b).loss  # noqa: E731
-    else:
-        f, _ = loss_fn(model, args.method, quick=False)
+    overrides = {k: ast.literal_eval(v) for k, v in (o.split("=", 1) for o in args.mst)}
+    f, _ = loss_fn(model, args.method, False, overrides.pop("logits", "drop"), overrides)
     ids = torch.randint(0, model.config.vocab_size, (1, args.tokens), device="cuda")
     batch = {"input_ids": ids, "labels": ids, "use_cache": False}
 
