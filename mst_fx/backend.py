@@ -10,6 +10,7 @@ and compiles that: an unsupported graph never breaks torch.compile.
 
 from __future__ import annotations
 
+import functools
 import logging
 
 import torch
@@ -45,6 +46,42 @@ def rewrite_inductor_config(regions=None, identity: str = "") -> dict:
     return patches
 
 
+class DecompositionTable(dict):
+    """Inductor's decomposition table as changed by ``inductor_decompositions``. It pickles
+    as the call that rebuilds it: Inductor pickles the table into its FX graph cache key,
+    and the functions in it do not pickle (the cache would be bypassed)."""
+
+    def __init__(self, table: dict, devices: tuple):
+        super().__init__(table)
+        self.devices = devices
+
+    def __reduce__(self):
+        return inductor_decompositions, (self.devices,)
+
+
+def inductor_decompositions(devices=("cuda", "cpu")) -> DecompositionTable:
+    """Inductor's decomposition table with one change: on ``devices``, a bf16/fp16
+    embedding's backward becomes ``mst_fx::embedding_dense_backward`` (an opaque call for
+    Inductor) instead of the fp32 [V, H] buffer Inductor's decomposition builds (see
+    mst_fx.ops). Other dtypes and devices decompose as before."""
+    from torch._inductor.decomposition import select_decomp_table
+
+    import mst_fx.ops  # noqa: F401 - registers the op
+
+    table = dict(select_decomp_table())
+    aten = torch.ops.aten
+    default = table[aten.embedding_dense_backward.default]
+
+    def embedding_dense_backward(grad, indices, num_weights, padding_idx, scale_grad_by_freq):
+        if grad.device.type in devices and grad.dtype in (torch.bfloat16, torch.float16):
+            return torch.ops.mst_fx.embedding_dense_backward(grad, indices, num_weights, padding_idx,
+                                                             scale_grad_by_freq)
+        return default(grad, indices, num_weights, padding_idx, scale_grad_by_freq)
+
+    table[aten.embedding_dense_backward.default] = embedding_dense_backward
+    return DecompositionTable(table, tuple(devices))
+
+
 def _aliases_inputs(region) -> bool:
     """Whether the region's chunk bodies are differentiated by autograd (and may return
     their inputs as saved values)."""
@@ -71,7 +108,10 @@ class MSTBackend:
     def __call__(self, gm: torch.fx.GraphModule, example_inputs):
         from torch._inductor.compile_fx import compile_fx as inductor
 
-        compile_fx = self.compiler or inductor
+        plain = self.compiler or inductor
+        compile_fx = plain
+        if self.compiler is None and self.config.native_embedding_backward:
+            compile_fx = functools.partial(inductor, decompositions=inductor_decompositions())
         saved = engine.snapshot(gm)
         try:
             report = engine.rewrite(gm, self.config)
@@ -81,10 +121,12 @@ class MSTBackend:
             report = engine_failure(gm, self.config, f"rewrite failed: {e!r}")
         self.reports.append(report)
         applied = [r for r in report.regions if r.applied]
+        # Patches even without a rewrite: their uuid keeps our decompositions' artifacts
+        # apart from plain torch.compile's in the caches.
+        patches = rewrite_inductor_config(applied, rewrite_identity(self.config))
         if not applied:
-            return compile_fx(gm, example_inputs)
+            return compile_fx(gm, example_inputs, config_patches=patches)
         try:
-            patches = rewrite_inductor_config(applied, rewrite_identity(self.config))
             compiled = compile_fx(gm, example_inputs, config_patches=patches)
         except Exception as e:  # noqa: BLE001
             log.warning("mst_fx: Inductor failed on the rewritten graph, compiling it unchanged: %r", e)
@@ -94,7 +136,7 @@ class MSTBackend:
             for r in applied:
                 r.applied = False
                 report.skipped.append(Skipped(r.kind, r.where, f"Inductor failed on the rewrite: {why}"))
-            return compile_fx(gm, example_inputs)
+            return plain(gm, example_inputs)
         for r in applied:
             counters["mst_fx"][r.kind] += 1
         log.debug("mst_fx: %s", report)

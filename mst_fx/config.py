@@ -54,6 +54,11 @@ class MSTConfig:
             Llama-3.2-1B at 32k: 1.6 GB, as much as the unchunked MLP); with it only one
             chunk's are, for a third forward pass of each chunk's GEMMs. False: one chunk
             loop recomputed by the outer checkpoint (faster, more memory).
+        native_embedding_backward: a bf16/fp16 embedding's weight gradient is computed by
+            mst_fx::embedding_dense_backward (on CUDA torch's own kernel; fp32 sums per row,
+            one rounding to the weight's dtype) instead of Inductor's decomposition, which
+            builds it in a [V, H] fp32 buffer first (1.05 GB for Llama-3.2-1B's 128256 x
+            2048, alive at the end of backward). Applies to every graph the backend compiles.
         flex_attention: where the attention pass turns a mask it cannot drop (packing,
             padding, sliding window) into flex_attention. "cuda": on CUDA devices only
             (torch's CPU flex kernel has no backward, and gave wrong values at some
@@ -75,6 +80,7 @@ class MSTConfig:
     logits: str = "keep"
     fp32_weight_grad: bool = True
     recompute_in_checkpoint: bool = True
+    native_embedding_backward: bool = True
     flex_attention: str = "cuda"
 
     def __post_init__(self) -> None:
@@ -101,7 +107,7 @@ class MSTConfig:
         if self.flex_attention not in FLEX_ATTENTION:
             raise ValueError(f"MSTConfig.flex_attention must be one of {FLEX_ATTENTION}, "
                              f"got {self.flex_attention!r}")
-        for name in ("fp32_weight_grad", "recompute_in_checkpoint"):
+        for name in ("fp32_weight_grad", "recompute_in_checkpoint", "native_embedding_backward"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"MSTConfig.{name} must be a bool, got {getattr(self, name)!r}")
 

@@ -12,6 +12,7 @@ full-size tensor.
     mst_fx::write_rows(out, start, src)  out[start:start + len(src)] = src
     mst_fx::mm_acc(a, b, fp32)           a @ b as a new tensor, fp32 if asked (the first chunk)
     mst_fx::with_grad(loss, w, dw)       loss; its backward gives w the gradient g * dw
+    mst_fx::embedding_dense_backward     torch's own kernel for an embedding's weight gradient
 
 The accumulator starts as the first chunk's product rather than zeros: a zeros tensor of
 the weight's shape and dtype is merged by AOTAutograd's CSE with the zeros that Inductor's
@@ -88,3 +89,34 @@ def _with_grad_backward(ctx, g):
 
 
 with_grad.register_autograd(_with_grad_backward, setup_context=_with_grad_setup)
+
+
+# Inductor decomposes an embedding's backward into zeros of the weight's shape in fp32 and
+# an index_put into them, then a cast: for a bf16 weight a [V, H] fp32 buffer alive at the
+# end of backward (1.05 GB for Llama-3.2-1B), twice the gradient itself. Behind a custom op
+# Inductor calls this instead of generating its own kernels (see
+# mst_fx.backend.inductor_decompositions). Both ways each row's contributions are summed in
+# fp32 and rounded once to the weight's dtype.
+@torch.library.custom_op("mst_fx::embedding_dense_backward", mutates_args=())
+def embedding_dense_backward(grad: torch.Tensor, indices: torch.Tensor, num_weights: int,
+                             padding_idx: int, scale_grad_by_freq: bool) -> torch.Tensor:
+    if grad.is_cuda:
+        # torch's CUDA kernel: sorts the indices, sums per row in fp32, writes grad's dtype.
+        return torch.ops.aten.embedding_dense_backward(grad, indices, num_weights, padding_idx,
+                                                        scale_grad_by_freq)
+    # torch's CPU kernel sums bf16 rows in bf16; here: fp32 sums over the rows that occur.
+    idx = indices.reshape(-1)
+    g = grad.reshape(idx.numel(), -1).float()
+    rows, inverse, counts = torch.unique(idx, return_inverse=True, return_counts=True)
+    if scale_grad_by_freq:
+        g = g / counts[inverse].unsqueeze(1)
+    g = g * (idx != padding_idx).unsqueeze(1)
+    sums = g.new_zeros((rows.numel(), g.shape[1])).index_add_(0, inverse, g)
+    out = grad.new_zeros((num_weights, *grad.shape[indices.dim():]))
+    out.view(num_weights, -1)[rows] = sums.to(grad.dtype)
+    return out
+
+
+@embedding_dense_backward.register_fake
+def _embedding_dense_backward_fake(grad, indices, num_weights, padding_idx, scale_grad_by_freq):
+    return grad.new_empty((num_weights, *grad.shape[indices.dim():]))

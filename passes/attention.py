@@ -17,6 +17,14 @@ follows attn_mask back to the graph that computed it, reads the mask back as a f
 - unchanged, with the reason: masks that read an S x S tensor or ops it cannot follow,
   additive float masks, dropout with a non-causal mask, symbolic lengths.
 
+Grouped-query attention: HF repeats each key/value head for its group of query heads
+(``repeat_kv``: unsqueeze, expand, reshape) before SDPA, because it cannot tell under
+compile that SDPA may share them itself. Where an SDPA call stays an SDPA call, keys and
+values that are repeated this way are passed unrepeated with enable_gqa=True (the same
+head grouping): the repeated copies and their full-head gradients are never built
+(measured on an H100 at 64k tokens, 32/8 heads: the layer's attention peak 2.16 -> 1.76
+GB, time unchanged with cuDNN's kernel).
+
 Attention written out without SDPA (HF's eager path; Gemma 2 takes it for its logit
 softcapping) is matched from its softmax: q @ k^T, constant elementwise ops on the scores
 (they become the flex score_mod), + where(mask, 0, very negative), softmax, p @ v. It goes
@@ -42,7 +50,7 @@ from mst_fx.config import MSTConfig
 from mst_fx.masks import (MaskMod, NotAMaskMod, constant_value, diagonal_allowed, extract, mask_sizes,
                           prove)
 from mst_fx.report import Region, Report, Skipped
-from mst_fx.tokenwise import arg_of, value
+from mst_fx.tokenwise import arg_of, hint, same_size, value
 
 KIND = "attention"
 SDPA = {torch._C._nn.scaled_dot_product_attention, F.scaled_dot_product_attention}
@@ -83,6 +91,7 @@ class AttentionPlan:
     mask_mod: MaskMod | None
     shared: Shared
     eager: "EagerAttention | None" = None  # set when the call is HF's eager attention path
+    shared_kv: "tuple[Node, Node] | None" = None  # unrepeated key, value for enable_gqa=True
 
 
 def detect(gm: GraphModule, config: MSTConfig, checkpointed: bool, where) -> Report:
@@ -110,7 +119,8 @@ def detect(gm: GraphModule, config: MSTConfig, checkpointed: bool, where) -> Rep
             except Exception as e:  # noqa: BLE001 - a graph this pass misreads stays as it is
                 report.skipped.append(Skipped(KIND, where([n]), f"could not read this attention: {e!r}"))
                 continue
-            if region.plan.eager is None:  # an SDPA mask is stored once, whoever reads it
+            if region.plan.eager is None and region.plan.mask is not None:
+                # an SDPA mask is stored once, whoever reads it
                 if region.plan.mask in counted:
                     region.bytes_saved = 0
                 counted.add(region.plan.mask)
@@ -128,11 +138,19 @@ def rewrite(gm: GraphModule, region: Region, names) -> None:
     else:
         args = {name: arg_of(n, i, name) for i, name in enumerate(SDPA_ARGS)}
         local_mask = args["attn_mask"]
-    if plan.mode in ("causal", "full"):
+    if plan.mode in ("causal", "full", "kept"):
         kwargs = {k: v for k, v in args.items() if k not in ("query", "key", "value") and v is not None}
-        kwargs.update(attn_mask=None, is_causal=plan.mode == "causal")
-        n.args = (args["query"], args["key"], args["value"])
+        if plan.mode != "kept":
+            kwargs.update(attn_mask=None, is_causal=plan.mode == "causal")
+        key, val = args["key"], args["value"]
+        if plan.shared_kv is not None:
+            key, val = plan.shared_kv
+            kwargs["enable_gqa"] = True
+        n.args = (args["query"], key, val)
         n.kwargs = kwargs
+        for x in (args["key"], args["value"]):
+            if plan.shared_kv is not None:
+                _prune(x)
     else:
         _to_flex(plan, args)
     if plan.eager is not None:
@@ -164,9 +182,14 @@ def _plan(n: Node, owner: GraphModule, path: list[Step], shared: Shared, where,
           config: MSTConfig) -> Region:
     args = {name: arg_of(n, i, name) for i, name in enumerate(SDPA_ARGS)}
     q, k, mask = args["query"], args["key"], args["attn_mask"]
+    shared_kv, gqa, gqa_bytes = _shared_heads(args)
     if mask is None:
         what = "is_causal=True" if args["is_causal"] else "no mask"
-        raise CantRewrite(f"{what}: nothing to do")
+        if shared_kv is None:
+            raise CantRewrite(f"{what}: nothing to do")
+        return Region(kind=KIND, where=where([n]), tokens=hint(value(q).shape[2]), chunks=0,
+                      bytes_saved=gqa_bytes, detail=f"{what}; {gqa}",
+                      plan=AttentionPlan(n, owner, [], None, "kept", {}, None, shared, shared_kv=shared_kv))
     if not isinstance(mask, Node):
         raise CantRewrite("the mask is not a graph value")
     mask, path = _outer(mask, path)
@@ -176,9 +199,11 @@ def _plan(n: Node, owner: GraphModule, path: list[Step], shared: Shared, where,
     verdict = prove(mm, sizes)
     held = sizes["b"] * sizes["q"] * sizes["kv"]  # a bool per (batch, q, kv), at least
     if verdict.kind in ("causal", "full"):
-        detail = f"{verdict.kind}: mask dropped ({verdict.reason})"
+        detail = f"{verdict.kind}: mask dropped ({verdict.reason})" + (f"; {gqa}" if gqa else "")
         mode = verdict.kind
+        held += gqa_bytes
     else:
+        shared_kv = None  # flex_attention gets the keys and values as they are
         qv = value(q)
         dropout = args["dropout_p"]
         if dropout not in (None, 0, 0.0):
@@ -193,7 +218,52 @@ def _plan(n: Node, owner: GraphModule, path: list[Step], shared: Shared, where,
     return Region(kind=KIND, where=where([n]), tokens=sizes["q"], chunks=0, bytes_saved=held,
                   detail=detail,
                   plan=AttentionPlan(n, owner, path, mask, mode, sizes, mm if mode == "flex" else None,
-                                     shared))
+                                     shared, shared_kv=shared_kv))
+
+
+def _shared_heads(args: dict) -> tuple[tuple[Node, Node] | None, str, int]:
+    """Keys and values both repeated per query group (HF's repeat_kv) in a call without
+    enable_gqa: (their unrepeated nodes, the report's words, bytes of the two copies);
+    (None, "", 0) otherwise."""
+    if args["enable_gqa"] or value(args["query"]) is None:
+        return None, "", 0
+    k, v = _unrepeated(args["key"]), _unrepeated(args["value"])
+    if k is None or v is None or k[1] != v[1] or not same_size(value(args["query"]).shape[1],
+                                                               value(args["key"]).shape[1]):
+        return None, "", 0
+    rep = value(args["key"])
+    copies = 2 * hint(rep.numel()) * rep.element_size()
+    return (k[0], v[0]), f"key/value heads shared with enable_gqa=True (not repeated {k[1]}x)", copies
+
+
+def _unrepeated(x) -> tuple[Node, int] | None:
+    """For ``x = base[:, :, None].expand(B, KV, n, S, D).reshape(B, KV * n, S, D)``: (base, n)."""
+    if not (isinstance(x, Node) and x.op == "call_method" and x.target in ("reshape", "view")):
+        return None
+    e = x.args[0]
+    if not (isinstance(e, Node) and e.op == "call_method" and e.target == "expand" and len(e.users) == 1):
+        return None
+    u = e.args[0]
+    if not (isinstance(u, Node) and u.op == "call_function" and u.target is operator.getitem
+            and isinstance(u.args[0], Node) and len(u.users) == 1):
+        return None
+    base = u.args[0]
+    index = u.args[1]
+    full = slice(None, None, None)
+    if not (isinstance(index, tuple) and len(index) >= 3 and index[0] == full and index[1] == full
+            and index[2] is None and all(i == full or i is Ellipsis for i in index[3:])):
+        return None
+    b, out, ex = value(base), value(x), value(e)
+    if b is None or out is None or ex is None or b.dim() != 4 or ex.dim() != 5 or out.dim() != 4:
+        return None
+    n = ex.shape[2]
+    if not isinstance(n, int) or n < 2:
+        return None
+    want_ex = (b.shape[0], b.shape[1], n, b.shape[2], b.shape[3])
+    want_out = (b.shape[0], b.shape[1] * n, b.shape[2], b.shape[3])
+    if not all(same_size(a, w) for a, w in zip((*ex.shape, *out.shape), (*want_ex, *want_out))):
+        return None
+    return base, n
 
 
 def _flex_allowed(config: MSTConfig, q: torch.Tensor) -> bool:

@@ -262,6 +262,67 @@ def test_mask_mods_are_exact_and_verdicts_sound(S, causal, win, docs, docs_as_in
 
 # ---------------------------------------------------------------------------------------
 # Hugging Face models: no mask, all-ones, left/right padding, packed sequences.
+def repeat_kv(x, n):  # as transformers writes it
+    b, h, s, d = x.shape
+    return x[:, :, None, :, :].expand(b, h, n, s, d).reshape(b, h * n, s, d)
+
+
+class GroupedAttention(torch.nn.Module):
+    """4 query heads, 2 key/value heads repeated by ``repeat_kv``; causal by is_causal or by
+    a mask the graph builds."""
+
+    def __init__(self, masked, width=32, heads=4, kv_heads=2):
+        super().__init__()
+        self.masked, self.heads, self.kv_heads = masked, heads, kv_heads
+        self.q = torch.nn.Linear(width, width)
+        self.kv = torch.nn.Linear(width, 2 * width * kv_heads // heads)
+        self.out = torch.nn.Linear(width, width)
+
+    def forward(self, x):
+        B, S, D = x.shape
+        hd = D // self.heads
+        q = self.q(x).view(B, S, self.heads, hd).transpose(1, 2)
+        k, v = self.kv(x).view(B, S, 2, self.kv_heads, hd).permute(2, 0, 3, 1, 4)
+        n = self.heads // self.kv_heads
+        mask = causal_hf(S, x.device) if self.masked else None
+        y = F.scaled_dot_product_attention(q, repeat_kv(k, n), repeat_kv(v, n), attn_mask=mask,
+                                           is_causal=not self.masked)
+        return self.out(y.transpose(1, 2).reshape(B, S, D))
+
+
+@pytest.mark.parametrize("masked", [False, True], ids=["is_causal", "causal-mask"])
+def test_repeated_key_value_heads_are_shared(masked):
+    """SDPA gets the unrepeated keys and values with enable_gqa=True: no [B, 4, S, hd] copy
+    of them is left in the graph, and the step equals eager (Inductor, fp32)."""
+    S = 24
+    compiler = recording(inductor)
+    backend = check_rewrite(GroupedAttention(masked), [torch.randn(2, S, 32, requires_grad=True)],
+                            expect={"attention": 1}, config=FLEX, compiler=compiler)
+    (region,) = backend.report.regions
+    assert "key/value heads shared with enable_gqa=True (not repeated 2x)" in region.detail, region.detail
+    assert region.detail.startswith("causal: mask dropped" if masked else "is_causal=True;"), region.detail
+    (call,) = [n for gm in compiler.seen for n in gm.graph.nodes if n.target in (F.scaled_dot_product_attention,
+                                                                              torch._C._nn.scaled_dot_product_attention)]
+    assert call.kwargs["enable_gqa"] is True and call.kwargs["is_causal"] is True
+    assert [tuple(a.meta["example_value"].shape) for a in call.args[1:3]] == [(2, 2, S, 8)] * 2
+    assert not [n for gm in compiler.seen for n in gm.graph.nodes if n.target == "expand"]  # repeat_kv's
+
+
+def test_other_repeats_are_left():
+    """Keys repeated but values not (or by another count): the call stays as it is."""
+
+    class Mixed(GroupedAttention):
+        def forward(self, x):
+            B, S, D = x.shape
+            q = self.q(x).view(B, S, 4, 8).transpose(1, 2)
+            k, v = self.kv(x).view(B, S, 2, 2, 8).permute(2, 0, 3, 1, 4)
+            y = F.scaled_dot_product_attention(q, repeat_kv(k, 2), v.repeat(1, 2, 1, 1), is_causal=True)
+            return self.out(y.transpose(1, 2).reshape(B, S, D))
+
+    report = mst_fx.explain(Mixed(False), torch.randn(2, 24, 32), config=FLEX)
+    assert not report.regions and "nothing to do" in report.skipped[0].reason, report
+
+
 # ---------------------------------------------------------------------------------------
 
 SMALL = dict(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
