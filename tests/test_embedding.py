@@ -64,6 +64,18 @@ def test_embedding_backward_equals_plain_compile(kwargs):
         assert got["emb.weight"][3].eq(0).all()
 
 
+def test_backend_never_reuses_plain_compile_artifacts():
+    """A graph with no region to chunk still gets the backend's decompositions: compiled
+    right after plain torch.compile (same graph, same Inductor cache), it calls the op."""
+    model = Embed(64, 32).to(torch.bfloat16)
+    ids = torch.randint(0, 64, (2, 50))
+    _, plain = grads(model, "inductor", ids)
+    backend = mst_fx.make_backend()
+    _, ours = grads(model, backend, ids)
+    assert not backend.report.regions
+    assert "mst_fx.embedding_dense_backward" in ours and "mst_fx" not in plain
+
+
 def test_fp32_keeps_inductor_decomposition():
     """fp32 gains nothing (the decomposition's buffer is the gradient): left to Inductor."""
     model = Embed(64, 32)

@@ -54,16 +54,3 @@ def test_chunk_bodies_become_triton_kernels():
     for prefix in ("partitioned_fw_mst_mlp", "partitioned_bw_mst_mlp"):
         assert "triton_poi_fused_" in body_source(code, prefix)
     assert "@triton.jit" in code
-
-
-def test_one_compiled_body_for_all_layers():
-    """Two identical layers, chunk sizes equal: one forward and one backward body."""
-    from test_mlp import Stack
-
-    x = torch.randn(2, 40, 32, requires_grad=True)
-    compiled = torch.compile(Stack(2), backend=mst_fx.make_backend(chunks=4))
-    _, code = run_and_get_code(lambda: compiled(x).sum().backward())
-    code = "\n".join(code)
-    assert code.count("def partitioned_fw_mst_mlp") == 1, code.count("def partitioned_fw_mst_mlp")
-    assert code.count("def partitioned_bw_mst_mlp") == 1
-    assert code.count("# subgraph: partitioned_fw_mst_mlp") == 8  # 2 layers x 4 chunks

@@ -19,18 +19,19 @@ def step_peak(backend, module, x):
 
 
 def test_swiglu_peak_at_most_half_of_plain_compile():
-    """SwiGLU H=512, I=2048, 16384 tokens: plain compile keeps gate and up for backward
-    (2 x 128 MiB in fp32); chunked, only one chunk's intermediates exist at a time."""
-    module = GLU(512, 2048)
-    x = torch.randn(16384, 512, requires_grad=True)
+    """SwiGLU H=256, I=1024, 8192 tokens: plain compile keeps gate and up for backward
+    (2 x 32 MiB in fp32); chunked, only one chunk's intermediates exist at a time
+    (measured: 42 vs 129 MiB)."""
+    module = GLU(256, 1024)
+    x = torch.randn(8192, 256, requires_grad=True)
     plain = step_peak("inductor", module, x)
     torch._dynamo.reset()
     backend = mst_fx.make_backend()
     chunked = step_peak(backend, module, x)
-    assert backend.report.regions[0].chunks == 8  # default: 2 x 2048 / 512
+    assert backend.report.regions[0].chunks == 8  # default: 2 x 1024 / 256
     assert chunked <= 0.5 * plain, (chunked / 2**20, plain / 2**20)
     # The bound that chunking promises: fewer bytes than the saved gate + up of plain compile.
-    assert chunked < 16384 * 2048 * 4 * 2
+    assert chunked < 8192 * 1024 * 4 * 2
 
 
 def test_lm_head_peak_at_most_03_of_plain_compile():
