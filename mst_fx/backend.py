@@ -121,21 +121,23 @@ class MSTBackend:
             report = engine_failure(gm, self.config, f"rewrite failed: {e!r}")
         self.reports.append(report)
         applied = [r for r in report.regions if r.applied]
-        # Patches even without a rewrite: their uuid keeps our decompositions' artifacts
-        # apart from plain torch.compile's in the caches.
+        # Patches even without a rewrite: their uuid keeps the artifacts compiled with our
+        # decompositions apart from plain torch.compile's in the caches.
         patches = rewrite_inductor_config(applied, rewrite_identity(self.config))
-        if not applied:
-            return compile_fx(gm, example_inputs, config_patches=patches)
         try:
             compiled = compile_fx(gm, example_inputs, config_patches=patches)
         except Exception as e:  # noqa: BLE001
-            log.warning("mst_fx: Inductor failed on the rewritten graph, compiling it unchanged: %r", e)
+            log.warning("mst_fx: Inductor failed on the graph as mst_fx changed it, compiling it "
+                        "unchanged with plain Inductor: %r", e)
             engine.restore(saved)
             why = repr(e)
             why = why if len(why) <= 300 else why[:300] + " ..."
             for r in applied:
                 r.applied = False
                 report.skipped.append(Skipped(r.kind, r.where, f"Inductor failed on the rewrite: {why}"))
+            if not applied:
+                report.skipped.append(Skipped("backend", "<graph>", f"Inductor failed with mst_fx's "
+                                              f"decompositions, compiled as plain torch.compile: {why}"))
             return plain(gm, example_inputs)
         for r in applied:
             counters["mst_fx"][r.kind] += 1

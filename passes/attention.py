@@ -148,8 +148,8 @@ def rewrite(gm: GraphModule, region: Region, names) -> None:
             kwargs["enable_gqa"] = True
         n.args = (args["query"], key, val)
         n.kwargs = kwargs
-        for x in (args["key"], args["value"]):
-            if plan.shared_kv is not None:
+        if plan.shared_kv is not None:
+            for x in (args["key"], args["value"]):
                 _prune(x)
     else:
         _to_flex(plan, args)

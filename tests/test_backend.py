@@ -45,6 +45,26 @@ def test_failing_inductor_on_rewrite_falls_back(monkeypatch):
     assert "simulated Inductor failure" in backend.report.skipped[-1].reason
 
 
+def test_failing_inductor_without_rewrite_falls_back(monkeypatch):
+    """A graph with nothing to chunk still goes to Inductor with mst_fx's decomposition
+    table; if that fails, plain Inductor compiles it and the report says why."""
+    import torch._inductor.compile_fx as cfx
+
+    real = cfx.compile_fx
+
+    def picky(gm, example_inputs, **kwargs):
+        if kwargs.get("decompositions") is not None:
+            raise RuntimeError("simulated decomposition failure")
+        return real(gm, example_inputs, **kwargs)
+
+    monkeypatch.setattr(cfx, "compile_fx", picky)
+    x = torch.randn(2, 24, 32, requires_grad=True)  # 48 tokens: below min_chunk_tokens
+    backend = check_rewrite(GLU(32, 96), [x], expect={"mlp": 0})
+    assert not backend.report.regions
+    (skip,) = [s for s in backend.report.skipped if s.kind == "backend"]
+    assert "simulated decomposition failure" in skip.reason
+
+
 def test_inference_is_exact_and_chunked():
     block = GLU(32, 96).eval()
     x = torch.randn(3, 30, 32)
