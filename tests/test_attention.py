@@ -267,13 +267,26 @@ def repeat_kv(x, n):  # as transformers writes it
     return x[:, :, None, :, :].expand(b, h, n, s, d).reshape(b, h * n, s, d)
 
 
-class GroupedAttention(torch.nn.Module):
-    """4 query heads, 2 key/value heads repeated by ``repeat_kv``; causal by is_causal or by
-    a mask the graph builds."""
+def repeat_kv_titan(x, n):  # torchtitan's, on [B, S, KV, D] before the heads move
+    b, s, h, d = x.shape
+    return x[:, :, :, None, :].expand(b, s, h, n, d).reshape(b, s, h * n, d)
 
-    def __init__(self, masked, width=32, heads=4, kv_heads=2):
+
+REPEATS = {  # how: (heads first?, the repeat)
+    "transformers": (True, repeat_kv),
+    "interleave": (True, lambda x, n: x.repeat_interleave(n, dim=1)),
+    "torchtitan": (False, repeat_kv_titan),
+    "interleave_then_transpose": (False, lambda x, n: torch.repeat_interleave(x, n, dim=2)),
+}
+
+
+class GroupedAttention(torch.nn.Module):
+    """4 query heads, 2 key/value heads repeated for their query groups (``how``, see
+    REPEATS); causal by is_causal or by a mask the graph builds."""
+
+    def __init__(self, masked, how="transformers", width=32, heads=4, kv_heads=2):
         super().__init__()
-        self.masked, self.heads, self.kv_heads = masked, heads, kv_heads
+        self.masked, self.how, self.heads, self.kv_heads = masked, how, heads, kv_heads
         self.q = torch.nn.Linear(width, width)
         self.kv = torch.nn.Linear(width, 2 * width * kv_heads // heads)
         self.out = torch.nn.Linear(width, width)
@@ -281,22 +294,31 @@ class GroupedAttention(torch.nn.Module):
     def forward(self, x):
         B, S, D = x.shape
         hd = D // self.heads
-        q = self.q(x).view(B, S, self.heads, hd).transpose(1, 2)
-        k, v = self.kv(x).view(B, S, 2, self.kv_heads, hd).permute(2, 0, 3, 1, 4)
         n = self.heads // self.kv_heads
+        heads_first, repeat = REPEATS[self.how]
+        q = self.q(x).view(B, S, self.heads, hd).transpose(1, 2)
+        k, v = self.kv(x).view(B, S, 2, self.kv_heads, hd).unbind(2)
+        if heads_first:
+            k, v = repeat(k.transpose(1, 2), n), repeat(v.transpose(1, 2), n)
+        else:
+            k, v = repeat(k, n).transpose(1, 2), repeat(v, n).transpose(1, 2)
         mask = causal_hf(S, x.device) if self.masked else None
-        y = F.scaled_dot_product_attention(q, repeat_kv(k, n), repeat_kv(v, n), attn_mask=mask,
-                                           is_causal=not self.masked)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=not self.masked)
         return self.out(y.transpose(1, 2).reshape(B, S, D))
 
 
-@pytest.mark.parametrize("masked", [False, True], ids=["is_causal", "causal-mask"])
-def test_repeated_key_value_heads_are_shared(masked):
-    """SDPA gets the unrepeated keys and values with enable_gqa=True: no [B, 4, S, hd] copy
-    of them is left in the graph, and the step equals eager (Inductor, fp32)."""
+GQA_CASES = [(False, "transformers"), (True, "transformers"), (False, "interleave"),
+             (False, "torchtitan"), (True, "interleave_then_transpose")]
+
+
+@pytest.mark.parametrize("masked,how", GQA_CASES,
+                         ids=[f"{h}-{'mask' if m else 'is_causal'}" for m, h in GQA_CASES])
+def test_repeated_key_value_heads_are_shared(masked, how):
+    """SDPA gets the unrepeated keys and values with enable_gqa=True: no repeat is left in
+    the graph, and the step equals eager (Inductor, fp32)."""
     S = 24
     compiler = recording(inductor)
-    backend = check_rewrite(GroupedAttention(masked), [torch.randn(2, S, 32, requires_grad=True)],
+    backend = check_rewrite(GroupedAttention(masked, how), [torch.randn(2, S, 32, requires_grad=True)],
                             expect={"attention": 1}, config=FLEX, compiler=compiler)
     (region,) = backend.report.regions
     assert "key/value heads shared with enable_gqa=True (not repeated 2x)" in region.detail, region.detail
@@ -305,7 +327,8 @@ def test_repeated_key_value_heads_are_shared(masked):
                                                                               torch._C._nn.scaled_dot_product_attention)]
     assert call.kwargs["enable_gqa"] is True and call.kwargs["is_causal"] is True
     assert [tuple(a.meta["example_value"].shape) for a in call.args[1:3]] == [(2, 2, S, 8)] * 2
-    assert not [n for gm in compiler.seen for n in gm.graph.nodes if n.target == "expand"]  # repeat_kv's
+    assert not [n for gm in compiler.seen for n in gm.graph.nodes
+                if n.target in ("expand", "repeat_interleave", torch.repeat_interleave)]
 
 
 def test_other_repeats_are_left():
@@ -316,6 +339,7 @@ def test_other_repeats_are_left():
             B, S, D = x.shape
             q = self.q(x).view(B, S, 4, 8).transpose(1, 2)
             k, v = self.kv(x).view(B, S, 2, 2, 8).permute(2, 0, 3, 1, 4)
+            # v.repeat tiles the heads (query head j reads kv head j % 2): not enable_gqa's grouping
             y = F.scaled_dot_product_attention(q, repeat_kv(k, 2), v.repeat(1, 2, 1, 1), is_causal=True)
             return self.out(y.transpose(1, 2).reshape(B, S, D))
 

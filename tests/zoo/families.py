@@ -277,6 +277,7 @@ FAMILIES: dict[str, Family] = {
     "bert": Family(_bert, note="masked LM: prediction-head transform, then the tied decoder with bias"),
     "t5": Family(_t5, blocks=2 * LAYERS, note="encoder-decoder; the tied lm_head is scaled by d_model**-0.5"),
     "nanogpt": Family(_nanogpt, loss=lambda out: out[1], note="written in the tests, no transformers"),
-    "torchtitan_llama": Family(_titan, loss=lambda out: out,
-                               note="written in the tests; complex RoPE; loss computed in the compiled step"),
+    "torchtitan_llama": Family(_titan, loss=lambda out: out, attention=LAYERS,
+                               note="written in the tests; complex RoPE; loss computed in the compiled step; "
+                                    "repeated key/value heads shared (enable_gqa)"),
 }
