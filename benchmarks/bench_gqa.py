@@ -12,10 +12,15 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
+import sys
 
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from mst_fx.memory import median_ms, peak_bytes  # noqa: E402
 
 KERNELS = {"default": None, "cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION,
            "efficient": SDPBackend.EFFICIENT_ATTENTION}
@@ -33,6 +38,7 @@ def run(tokens: int, shared: bool, kernel):
     grad = torch.randn(1, 32, tokens, 64, device="cuda", dtype=torch.bfloat16)
 
     def step():
+        q.grad = k.grad = v.grad = None
         with sdpa_kernel(kernel) if kernel is not None else contextlib.nullcontext():
             if shared:
                 out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
@@ -41,20 +47,9 @@ def run(tokens: int, shared: bool, kernel):
         out.backward(grad)
 
     step()
-    torch.cuda.synchronize()
-    base = torch.cuda.memory_allocated()
-    torch.cuda.reset_peak_memory_stats()
-    times = []
-    for _ in range(3):
-        q.grad = k.grad = v.grad = None
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        step()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    peak = (torch.cuda.max_memory_allocated() - base) / 1e9
-    return sorted(times)[1], peak, (q.grad, k.grad, v.grad)
+    ms = median_ms(step, 3, "cuda")
+    peak = peak_bytes(step, "cuda") / 1e9
+    return ms, peak, (q.grad, k.grad, v.grad)
 
 
 def main() -> None:

@@ -123,6 +123,38 @@ def loss_fn(model, method: str, quick: bool, logits: str = "drop", mst: dict | N
     return (lambda b: compiled(**b).loss), backend
 
 
+def mst_fields(pairs: list[str]) -> dict:
+    """``--mst FIELD=VALUE ...`` as MSTConfig fields (values read as Python literals)."""
+    return {k: ast.literal_eval(v) for k, v in (o.split("=", 1) for o in pairs)}
+
+
+def one_step_parser(description: str) -> argparse.ArgumentParser:
+    """The arguments of the one-step GPU tools (memory_at_peak.py, time_profile.py)."""
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--preset", default="llama-3.2-1b", choices=[k for k in PRESETS if k != "tiny"])
+    p.add_argument("--method", default="mst_gc")
+    p.add_argument("--tokens", type=int, default=32768)
+    p.add_argument("--mst", nargs="*", default=[], metavar="FIELD=VALUE",
+                   help="MSTConfig fields for the mst methods (Python literals)")
+    return p
+
+
+def one_step(args):
+    """(model, step) for the parsed one_step_parser arguments, on CUDA: ``step()`` runs one
+    forward + backward of ``args.tokens`` tokens with the gradients reset first."""
+    model = build(args.preset, args.method, "cuda", None)
+    overrides = mst_fields(args.mst)
+    f, _ = loss_fn(model, args.method, False, overrides.pop("logits", "drop"), overrides)
+    ids = torch.randint(0, model.config.vocab_size, (1, args.tokens), device="cuda")
+    batch = {"input_ids": ids, "labels": ids, "use_cache": False}
+
+    def step():
+        model.zero_grad(set_to_none=True)
+        f(batch).backward()
+
+    return model, step
+
+
 def run_method(method: str, preset: str, lengths: list[int], iters: int, adamw: bool, quick: bool,
                layers: int | None, logits: str = "drop", mst: dict | None = None) -> None:
     """Child process: one ``RESULT {json}`` line per length; stops after an OOM."""
@@ -301,7 +333,7 @@ def main() -> None:
         report(read_csv(args.plot), args.out, preset, args.capacity_gb, title)
         return
     if args.one:
-        mst = {k: ast.literal_eval(v) for k, v in (o.split("=", 1) for o in args.mst)}
+        mst = mst_fields(args.mst)
         run_method(args.one, preset, args.tokens, args.iters, args.adamw, args.quick, args.layers,
                    args.mst_logits, mst)
         return

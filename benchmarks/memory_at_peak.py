@@ -16,8 +16,6 @@ line. GPU only.
 
 from __future__ import annotations
 
-import argparse
-import ast
 import linecache
 import os
 import sys
@@ -27,7 +25,7 @@ import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [HERE, os.path.join(HERE, "..")]
-from bench_train import PRESETS, build, loss_fn  # noqa: E402
+from bench_train import one_step, one_step_parser  # noqa: E402
 
 TORCH_DIR = os.path.dirname(torch.__file__)
 
@@ -69,24 +67,10 @@ def at_peak(trace: list[dict], before: int) -> tuple[int, dict[int, tuple[int, s
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--preset", default="llama-3.2-1b", choices=[k for k in PRESETS if k != "tiny"])
-    p.add_argument("--method", default="mst_gc")
-    p.add_argument("--tokens", type=int, default=32768)
-    p.add_argument("--mst", nargs="*", default=[], metavar="FIELD=VALUE",
-                   help="MSTConfig fields for the mst methods (Python literals)")
+    p = one_step_parser(__doc__.splitlines()[0])
     p.add_argument("--top", type=int, default=18)
     args = p.parse_args()
-
-    model = build(args.preset, args.method, "cuda", None)
-    overrides = {k: ast.literal_eval(v) for k, v in (o.split("=", 1) for o in args.mst)}
-    f, _ = loss_fn(model, args.method, False, overrides.pop("logits", "drop"), overrides)
-    ids = torch.randint(0, model.config.vocab_size, (1, args.tokens), device="cuda")
-    batch = {"input_ids": ids, "labels": ids, "use_cache": False}
-
-    def step():
-        model.zero_grad(set_to_none=True)
-        f(batch).backward()
+    model, step = one_step(args)
 
     step()  # compiles
     model.zero_grad(set_to_none=True)

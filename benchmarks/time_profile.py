@@ -11,8 +11,6 @@ kernels and Liger's), the rest. GPU only.
 
 from __future__ import annotations
 
-import argparse
-import ast
 import os
 import sys
 from collections import defaultdict
@@ -21,7 +19,7 @@ import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [HERE, os.path.join(HERE, "..")]
-from bench_train import PRESETS, build, loss_fn  # noqa: E402
+from bench_train import one_step, one_step_parser  # noqa: E402
 
 KINDS = (("attention", ("flash", "cudnn", "fmha", "attention", "sdpa")),
          ("GEMM", ("gemm", "cutlass", "nvjet", "sm90_xmma", "cublas")),
@@ -37,24 +35,10 @@ def kind(name: str) -> str:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--preset", default="llama-3.2-1b", choices=[k for k in PRESETS if k != "tiny"])
-    p.add_argument("--method", default="mst_gc")
-    p.add_argument("--tokens", type=int, default=32768)
-    p.add_argument("--mst", nargs="*", default=[], metavar="FIELD=VALUE",
-                   help="MSTConfig fields for the mst methods (Python literals)")
+    p = one_step_parser(__doc__.splitlines()[0])
     p.add_argument("--top", type=int, default=15)
     args = p.parse_args()
-
-    model = build(args.preset, args.method, "cuda", None)
-    overrides = {k: ast.literal_eval(v) for k, v in (o.split("=", 1) for o in args.mst)}
-    f, _ = loss_fn(model, args.method, False, overrides.pop("logits", "drop"), overrides)
-    ids = torch.randint(0, model.config.vocab_size, (1, args.tokens), device="cuda")
-    batch = {"input_ids": ids, "labels": ids, "use_cache": False}
-
-    def step():
-        model.zero_grad(set_to_none=True)
-        f(batch).backward()
+    _, step = one_step(args)
 
     step()  # compiles
     step()

@@ -51,16 +51,12 @@ class DecompositionTable(dict):
     as the call that rebuilds it: Inductor pickles the table into its FX graph cache key,
     and the functions in it do not pickle (the cache would be bypassed)."""
 
-    def __init__(self, table: dict, devices: tuple):
-        super().__init__(table)
-        self.devices = devices
-
     def __reduce__(self):
-        return inductor_decompositions, (self.devices,)
+        return inductor_decompositions, ()
 
 
-def inductor_decompositions(devices=("cuda", "cpu")) -> DecompositionTable:
-    """Inductor's decomposition table with one change: on ``devices``, a bf16/fp16
+def inductor_decompositions() -> DecompositionTable:
+    """Inductor's decomposition table with one change: on CUDA and CPU, a bf16/fp16
     embedding's backward becomes ``mst_fx::embedding_dense_backward`` (an opaque call for
     Inductor) instead of the fp32 [V, H] buffer Inductor's decomposition builds (see
     mst_fx.ops). Other dtypes and devices decompose as before."""
@@ -73,13 +69,13 @@ def inductor_decompositions(devices=("cuda", "cpu")) -> DecompositionTable:
     default = table[aten.embedding_dense_backward.default]
 
     def embedding_dense_backward(grad, indices, num_weights, padding_idx, scale_grad_by_freq):
-        if grad.device.type in devices and grad.dtype in (torch.bfloat16, torch.float16):
+        if grad.device.type in ("cuda", "cpu") and grad.dtype in (torch.bfloat16, torch.float16):
             return torch.ops.mst_fx.embedding_dense_backward(grad, indices, num_weights, padding_idx,
                                                              scale_grad_by_freq)
         return default(grad, indices, num_weights, padding_idx, scale_grad_by_freq)
 
     table[aten.embedding_dense_backward.default] = embedding_dense_backward
-    return DecompositionTable(table, tuple(devices))
+    return DecompositionTable(table)
 
 
 def _aliases_inputs(region) -> bool:

@@ -9,11 +9,9 @@ CUDA it calls torch's kernel, checked by the GPU test.
 import pytest
 import torch
 import torch.nn as nn
-from torch._inductor.compile_fx import compile_fx
 from torch._inductor.utils import run_and_get_code
 
 import mst_fx
-from mst_fx.backend import inductor_decompositions, rewrite_inductor_config
 from mst_fx.memory import peak_bytes
 
 
@@ -27,13 +25,9 @@ class Embed(nn.Module):
         return self.proj(self.emb(ids)).float().square().mean()
 
 
-def native(gm, example_inputs):
-    """The backend's Inductor call without the graph passes. Like the backend it has a
-    cache identity of its own: the decomposition table is not in Inductor's cache keys,
-    so without one plain torch.compile's artifact would be reused."""
-    patches = rewrite_inductor_config([], "test_embedding")
-    return compile_fx(gm, example_inputs, config_patches=patches,
-                      decompositions=inductor_decompositions())
+def native():
+    """The backend with no graph pass: only its Inductor call (decompositions, cache identity)."""
+    return mst_fx.make_backend(passes=())
 
 
 def grads(model, backend, ids):
@@ -55,7 +49,7 @@ def test_embedding_backward_equals_plain_compile(kwargs):
     ids = torch.randint(0, 64, (2, 300))
     ids[0, :5] = 3  # the padding row, repeated
     ref, ref_code = grads(model, "inductor", ids)
-    got, code = grads(model, native, ids)
+    got, code = grads(model, native(), ids)
     assert "mst_fx.embedding_dense_backward" in code and "mst_fx" not in ref_code
     for n in ref:
         tol = dict(rtol=0, atol=0) if n != "emb.weight" else dict(rtol=4e-3, atol=1e-7)
@@ -79,7 +73,7 @@ def test_backend_never_reuses_plain_compile_artifacts():
 def test_fp32_keeps_inductor_decomposition():
     """fp32 gains nothing (the decomposition's buffer is the gradient): left to Inductor."""
     model = Embed(64, 32)
-    compiled = torch.compile(model, backend=native)
+    compiled = torch.compile(model, backend=native())
     _, code = run_and_get_code(lambda: compiled(torch.randint(0, 64, (2, 50))).backward())
     assert "mst_fx.embedding_dense_backward" not in "\n".join(code)
 
@@ -98,7 +92,7 @@ def test_no_fp32_vocab_buffer():
         compiled(ids).backward()  # compile, and .grad allocated outside the measured step
         return peak_bytes(lambda: compiled(ids).backward())
 
-    plain, ours = peak("inductor"), peak(native)
+    plain, ours = peak("inductor"), peak(native())
     fp32_buffer = 32000 * 256 * 4
     assert ours <= plain - 0.6 * fp32_buffer, (ours / 2**20, plain / 2**20)
 
