@@ -26,6 +26,8 @@ import torch
 from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
 from torch.fx import Graph, GraphModule, Node
 
+from mst_fx import dead_forwards
+
 INVOKE = torch.ops.higher_order.invoke_subgraph
 ADD = torch.ops.aten.add.Tensor
 BODY_PREFIX = "partitioned_bw_mst_"
@@ -33,6 +35,7 @@ BODY_PREFIX = "partitioned_bw_mst_"
 
 class ChunkBarriers(CustomGraphPass):
     """Inductor custom pass; ``chained`` is a user's own post_grad_custom_post_pass, run first.
+    Then mst_fx.dead_forwards' pass, then the barriers.
 
     ``identity`` names the rewrite that made the graph (mst_fx's code and the MSTConfig, see
     ``rewrite_identity``). Inductor puts ``uuid()`` in its FX graph and AOTAutograd cache
@@ -47,10 +50,12 @@ class ChunkBarriers(CustomGraphPass):
     def __call__(self, graph: Graph) -> None:
         if self.chained is not None:
             self.chained(graph)
+        dead_forwards.drop_dead_forwards(graph)
         add_barriers(graph)
 
     def uuid(self):
-        mine = self.identity or get_hash_for_files((__file__,))  # identity hashes this file too
+        # identity hashes these files too
+        mine = self.identity or get_hash_for_files((__file__, dead_forwards.__file__))
         if self.chained is None:
             return mine
         return (mine, self.chained.uuid() if hasattr(self.chained, "uuid") else repr(self.chained))

@@ -5,6 +5,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from hypothesis import HealthCheck, given, settings, strategies as st
+from torch._dynamo.utils import counters
 from torch.utils.checkpoint import checkpoint
 
 import mst_fx
@@ -78,8 +79,13 @@ class Stack(nn.Module):
 def test_layers_rewritten_with_module_paths(checkpointed):
     x = torch.randn(2, 40, H, requires_grad=True)
     model = Stack(2, checkpointed)
-    backend = check_rewrite(model, [x], expect={"mlp": 2}, config=CFG)
+    # Caches off: the post-grad pass below runs only when Inductor compiles.
+    with torch._inductor.config.patch(fx_graph_cache=False), \
+            torch._functorch.config.patch(enable_autograd_cache=False):
+        backend = check_rewrite(model, [x], expect={"mlp": 2}, config=CFG)
     assert sorted(r.where for r in backend.report.regions) == ["mlps.0", "mlps.1"]
+    # Through Inductor, exact above: under GC the layers' recompute keeps no chunk forward.
+    assert counters["mst_fx_inductor"]["dead_forward_calls"] == (8 if checkpointed else 0)
     report = mst_fx.explain(model, x, config=CFG)
     assert [r.kind for r in report.regions] == ["mlp", "mlp"] and not report.skipped
     assert "mlps.0" in str(report)
@@ -87,10 +93,12 @@ def test_layers_rewritten_with_module_paths(checkpointed):
 
 def _backward_mm_flops(config, model, x):
     """FLOPs of every mm the backward graph runs (inside chunk bodies too), from the graphs
-    AOTAutograd's min-cut partitioner makes of the rewritten graph (as Inductor does)."""
+    AOTAutograd's min-cut partitioner makes of the rewritten graph (as Inductor does),
+    after the post-grad pass that drops dead chunk forwards (as the backend runs it)."""
     from torch._functorch.aot_autograd import aot_module_simplified
     from torch._functorch.partitioners import min_cut_rematerialization_partition
     from mst_fx import engine
+    from mst_fx.dead_forwards import drop_dead_forwards
 
     flops = {}
 
@@ -105,6 +113,9 @@ def _backward_mm_flops(config, model, x):
         return total
 
     def bw(gm, _):
+        if config is not None:
+            drop_dead_forwards(gm.graph)
+            gm.recompile()
         flops["bw"] = count(gm)
         return gm
 
@@ -122,16 +133,18 @@ def _backward_mm_flops(config, model, x):
 @pytest.mark.parametrize("nested", [False, True])
 def test_checkpointed_layer_recompute_cost(nested):
     """Under per-layer checkpointing the layer is recomputed once. With
-    recompute_in_checkpoint=False the chunks add no third forward: only the down projection
-    re-runs inside the recomputed chunk (1 unit of 2*T*H*I per layer). With True (the
-    default) each chunk's body runs once more right before its backward: the two expanding
-    GEMMs again (2 units more), so that one chunk's intermediates are alive at a time."""
+    recompute_in_checkpoint=False only the down projection re-runs inside the recomputed
+    chunk (1 unit of 2*T*H*I per layer) and every chunk's intermediates are alive at once
+    there. With True (the default) the layer's recompute keeps no chunk forward at all
+    (mst_fx.dead_forwards drops the calls that only pass their inputs through) and each
+    chunk's gate and up run right before its backward: no GEMM more than plain GC, one
+    chunk's intermediates alive at a time."""
     x = torch.randn(2, 64, H, requires_grad=True)
     model = Stack(2, checkpointed=True)
     plain = _backward_mm_flops(None, model, x)
     chunked = _backward_mm_flops(CFG.replace(recompute_in_checkpoint=nested), model, x)
     unit = 2 * x.shape[0] * x.shape[1] * H * I
-    assert chunked - plain == (3 if nested else 1) * unit * 2  # two layers
+    assert chunked - plain == (0 if nested else 1) * unit * 2  # two layers
 
 
 def test_not_checkpointed_recomputes_only_the_expansions():
