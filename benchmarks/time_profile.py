@@ -37,6 +37,8 @@ def kind(name: str) -> str:
 def main() -> None:
     p = one_step_parser(__doc__.splitlines()[0])
     p.add_argument("--top", type=int, default=15)
+    p.add_argument("--shapes", action="store_true",
+                   help="also GPU time of the matrix multiplies by operand shapes")
     args = p.parse_args()
     _, step = one_step(args)
 
@@ -45,7 +47,8 @@ def main() -> None:
     torch.cuda.synchronize()
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+    activities = [ProfilerActivity.CUDA] + ([ProfilerActivity.CPU] if args.shapes else [])
+    with profile(activities=activities, record_shapes=args.shapes) as prof:
         step()
         torch.cuda.synchronize()
     per_kernel: dict[str, list] = defaultdict(lambda: [0.0, 0])
@@ -63,6 +66,12 @@ def main() -> None:
     print(f"{'ms':>9} {'calls':>6}  kernel")
     for name, (t, n) in sorted(per_kernel.items(), key=lambda kv: -kv[1][0])[:args.top]:
         print(f"{t:9.1f} {n:6d}  {name[:110]}")
+    if args.shapes:
+        print(f"{'ms':>9} {'calls':>6}  matrix multiply: operand shapes")
+        mms = [a for a in prof.key_averages(group_by_input_shape=True)
+               if a.key in ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm")]
+        for a in sorted(mms, key=lambda a: -a.device_time_total)[:args.top]:
+            print(f"{a.device_time_total / 1e3:9.1f} {a.count:6d}  {a.key} {a.input_shapes}")
 
 
 if __name__ == "__main__":
