@@ -53,7 +53,8 @@ def main() -> None:
         torch.cuda.synchronize()
     per_kernel: dict[str, list] = defaultdict(lambda: [0.0, 0])
     for e in prof.events():
-        if e.device_type == torch.autograd.DeviceType.CUDA:
+        # (with --shapes the CPU trace adds "## Call CompiledFxGraph ##" GPU-side annotations)
+        if e.device_type == torch.autograd.DeviceType.CUDA and not e.name.startswith("## "):
             per_kernel[e.name][0] += e.device_time / 1e3  # ms
             per_kernel[e.name][1] += 1
     total = sum(t for t, _ in per_kernel.values())
