@@ -20,6 +20,7 @@ from mst_fx import engine
 from mst_fx.barriers import ChunkBarriers, rewrite_identity
 from mst_fx.config import MSTConfig
 from mst_fx.report import Report, Skipped
+from mst_fx.schemas import cached_chunk_schemas
 
 log = logging.getLogger("mst_fx.backend")
 
@@ -121,7 +122,8 @@ class MSTBackend:
         # decompositions apart from plain torch.compile's in the caches.
         patches = rewrite_inductor_config(applied, rewrite_identity(self.config))
         try:
-            compiled = compile_fx(gm, example_inputs, config_patches=patches)
+            with cached_chunk_schemas():
+                compiled = compile_fx(gm, example_inputs, config_patches=patches)
         except Exception as e:  # noqa: BLE001
             log.warning("mst_fx: Inductor failed on the graph as mst_fx changed it, compiling it "
                         "unchanged with plain Inductor: %r", e)

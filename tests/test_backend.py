@@ -116,3 +116,44 @@ def test_backend_by_name_from_the_entry_point(tmp_path):
     out = subprocess.run([sys.executable, "-c", BY_NAME], cwd=tmp_path, capture_output=True,
                          text=True, check=True).stdout.splitlines()
     assert out == ["listed True", "rewrites {'mlp': 1}", "error True"], out
+
+
+class _Checkpointed(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.blocks = torch.nn.ModuleList(GLU(32, 96) for _ in range(2))
+
+    def forward(self, x):
+        for b in self.blocks:
+            x = x + torch.utils.checkpoint.checkpoint(b, x, use_reentrant=False)
+        return x
+
+
+def test_chunk_schemas_traced_once_per_body(monkeypatch):
+    """invoke_subgraph re-traces a body for its schema on every call autograd sees; the
+    backend memoizes it for mst_fx's bodies (mst_fx.schemas): fewer re-traces, same result."""
+    import contextlib
+
+    import torch._higher_order_ops.utils as hop_utils
+    from mst_fx import backend as backend_mod
+    from mst_fx.backend import aot_eager_compiler
+    from torch._higher_order_ops.invoke_subgraph import invoke_subgraph
+
+    real = hop_utils.materialize_as_graph
+    calls = []
+    monkeypatch.setattr(hop_utils, "materialize_as_graph",
+                        lambda *a, **k: calls.append(1) or real(*a, **k))
+    x = torch.randn(2, 40, 32, requires_grad=True)
+
+    def traces():
+        calls.clear()
+        check_rewrite(_Checkpointed(), [x], expect={"mlp": 2}, config=CFG, compiler=aot_eager_compiler)
+        return len(calls)
+
+    cached = traces()
+    with monkeypatch.context() as m:
+        m.setattr(backend_mod, "cached_chunk_schemas", contextlib.nullcontext)
+        uncached = traces()
+    # 2 layers x 4 chunks share one body: each call re-traced it without the cache.
+    assert uncached >= 8 and cached < uncached / 2, (cached, uncached)
+    assert "gen_schema" not in vars(invoke_subgraph)  # the original method is back
