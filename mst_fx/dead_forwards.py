@@ -41,7 +41,8 @@ def drop_dead_forwards(graph: Graph) -> int:
             continue
         operands = call.args[2:]
         users = list(call.users)
-        if not all(u.target is operator.getitem and u.args[1] in sources for u in users):
+        if not all(u.target is operator.getitem and u.args[1] in sources
+                   and isinstance(operands[sources[u.args[1]]], Node) for u in users):
             continue
         for u in users:
             u.replace_all_uses_with(operands[sources[u.args[1]]])
