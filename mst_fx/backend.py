@@ -14,6 +14,7 @@ import functools
 import logging
 
 import torch
+from torch._dynamo.exc import RestartAnalysis
 from torch._dynamo.utils import counters
 
 from mst_fx import engine
@@ -112,6 +113,8 @@ class MSTBackend:
         saved = engine.snapshot(gm)
         try:
             report = engine.rewrite(gm, self.config)
+        except RestartAnalysis:
+            raise
         except Exception as e:  # noqa: BLE001 - a pass bug must not break the user's compile
             log.warning("mst_fx: rewrite failed, compiling the graph unchanged: %r", e)
             engine.restore(saved)
@@ -124,6 +127,13 @@ class MSTBackend:
         try:
             with cached_chunk_schemas():
                 compiled = compile_fx(gm, example_inputs, config_patches=patches)
+        except RestartAnalysis:
+            # Dynamo's signal to trace the frame again (e.g. Inductor asking for a float
+            # to be specialized under dynamic shapes), not a failure: the next trace comes
+            # back here and is rewritten.
+            engine.restore(saved)
+            self.reports.pop()
+            raise
         except Exception as e:  # noqa: BLE001
             log.warning("mst_fx: Inductor failed on the graph as mst_fx changed it, compiling it "
                         "unchanged with plain Inductor: %r", e)

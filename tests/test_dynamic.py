@@ -53,6 +53,40 @@ def test_symbolic_tokens_are_chunked_once_for_every_length(how):
     assert region.detail.endswith("symbolic tokens") and region.chunks == 4 and counters["mst_fx"]["mlp"] == 1
 
 
+class _CheckpointedLayers(torch.nn.Module):
+    """Pre-norm residual layers, each under torch.utils.checkpoint (as HF's GC)."""
+
+    def __init__(self):
+        super().__init__()
+        self.norms = torch.nn.ModuleList(torch.nn.LayerNorm(H) for _ in range(2))
+        self.blocks = torch.nn.ModuleList(GLU(H, I) for _ in range(2))
+
+    def layer(self, i, x):
+        return x + self.blocks[i](self.norms[i](x))
+
+    def forward(self, x):
+        for i in range(len(self.blocks)):
+            x = torch.utils.checkpoint.checkpoint(self.layer, i, x, use_reentrant=False)
+        return x
+
+
+def test_symbolic_tokens_under_checkpointing():
+    """Layers under activation checkpointing with a symbolic token count: chunked and exact
+    at every length. Inductor asks Dynamo to trace again here (TensorifyScalarRestartAnalysis,
+    a float to specialize); the backend lets that signal through instead of taking it for a
+    failure, so no region is reported as skipped and the second trace is rewritten."""
+    torch.manual_seed(0)
+    eager = _CheckpointedLayers()
+    backend = mst_fx.make_backend(CFG)
+    counters.clear()
+    compiled = torch.compile(copy.deepcopy(eager), backend=backend, dynamic=True)
+    _lengths_match_eager(compiled, eager, [37, 50, 23])
+    assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
+    assert counters["mst_fx"]["mlp"] == 2 and not backend.report.skipped, str(backend.report)
+    assert len(backend.report.regions) == 2
+    assert all(r.applied and r.detail.endswith("symbolic tokens") for r in backend.report.regions)
+
+
 transformers = pytest.importorskip("transformers")
 
 
