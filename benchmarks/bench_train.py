@@ -129,7 +129,8 @@ def mst_fields(pairs: list[str]) -> dict:
 
 
 def one_step_parser(description: str) -> argparse.ArgumentParser:
-    """The arguments of the one-step GPU tools (memory_at_peak.py, time_profile.py)."""
+    """The arguments of the one-step GPU tools (memory_at_peak.py, time_profile.py,
+    compile_profile.py)."""
     p = argparse.ArgumentParser(description=description)
     p.add_argument("--preset", default="llama-3.2-1b", choices=[k for k in PRESETS if k != "tiny"])
     p.add_argument("--method", default="mst_gc")

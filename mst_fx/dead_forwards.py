@@ -82,4 +82,4 @@ def _passed_through(body: GraphModule) -> dict[int, int] | None:
 def _impure(n: Node) -> bool:
     tags = getattr(n.target, "tags", ())
     return torch.Tag.nondeterministic_seeded in tags or n.is_impure() \
-        or n.target is INVOKE or isinstance(n.target, torch._ops.HigherOrderOperator)
+        or isinstance(n.target, torch._ops.HigherOrderOperator)

@@ -41,7 +41,7 @@ def cached_chunk_schemas():
     had_attr = "gen_schema" in vars(invoke_subgraph)
     invoke_subgraph.gen_schema = gen_schema
     try:
-        yield cache
+        yield
     finally:
         if had_attr:
             invoke_subgraph.gen_schema = original

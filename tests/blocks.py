@@ -1,4 +1,5 @@
-"""Small MLP blocks written the ways real models write them (torch-level code only)."""
+"""Small MLP blocks written the ways real models write them (torch-level code only), and a
+stack of pre-norm residual layers around them."""
 
 import torch
 import torch.nn as nn
@@ -131,3 +132,25 @@ class LoRAGLU(nn.Module):
 
     def forward(self, x):
         return self.down(F.silu(self.gate(x)) * self.up(x))
+
+
+class Stack(nn.Module):
+    """Pre-norm residual SwiGLU layers, optionally each under torch.utils.checkpoint (as HF
+    gradient checkpointing wraps a decoder layer)."""
+
+    def __init__(self, layers=2, checkpointed=False, hidden=32, inter=96):
+        super().__init__()
+        self.norms = nn.ModuleList(nn.LayerNorm(hidden) for _ in range(layers))
+        self.mlps = nn.ModuleList(GLU(hidden, inter) for _ in range(layers))
+        self.checkpointed = checkpointed
+
+    def layer(self, i, x):
+        return x + self.mlps[i](self.norms[i](x))
+
+    def forward(self, x):
+        for i in range(len(self.mlps)):
+            if self.checkpointed:
+                x = torch.utils.checkpoint.checkpoint(self.layer, i, x, use_reentrant=False)
+            else:
+                x = self.layer(i, x)
+        return x

@@ -8,7 +8,7 @@ import torch
 from torch._dynamo.utils import counters
 
 import mst_fx
-from blocks import GLU
+from blocks import GLU, Stack
 from helpers import check_rewrite
 
 CFG = mst_fx.MSTConfig(chunks=4)
@@ -118,17 +118,6 @@ def test_backend_by_name_from_the_entry_point(tmp_path):
     assert out == ["listed True", "rewrites {'mlp': 1}", "error True"], out
 
 
-class _Checkpointed(torch.nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.blocks = torch.nn.ModuleList(GLU(32, 96) for _ in range(2))
-
-    def forward(self, x):
-        for b in self.blocks:
-            x = x + torch.utils.checkpoint.checkpoint(b, x, use_reentrant=False)
-        return x
-
-
 def test_chunk_schemas_traced_once_per_body(monkeypatch):
     """invoke_subgraph re-traces a body for its schema on every call autograd sees; the
     backend memoizes it for mst_fx's bodies (mst_fx.schemas): fewer re-traces, same result."""
@@ -147,7 +136,7 @@ def test_chunk_schemas_traced_once_per_body(monkeypatch):
 
     def traces():
         calls.clear()
-        check_rewrite(_Checkpointed(), [x], expect={"mlp": 2}, config=CFG, compiler=aot_eager_compiler)
+        check_rewrite(Stack(2, checkpointed=True), [x], expect={"mlp": 2}, config=CFG, compiler=aot_eager_compiler)
         return len(calls)
 
     cached = traces()

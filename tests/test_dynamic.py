@@ -9,7 +9,7 @@ import torch
 from torch._dynamo.utils import counters
 
 import mst_fx
-from blocks import GLU
+from blocks import GLU, Stack
 from helpers import TOL, grads_of
 
 H, I = 32, 96
@@ -53,30 +53,13 @@ def test_symbolic_tokens_are_chunked_once_for_every_length(how):
     assert region.detail.endswith("symbolic tokens") and region.chunks == 4 and counters["mst_fx"]["mlp"] == 1
 
 
-class _CheckpointedLayers(torch.nn.Module):
-    """Pre-norm residual layers, each under torch.utils.checkpoint (as HF's GC)."""
-
-    def __init__(self):
-        super().__init__()
-        self.norms = torch.nn.ModuleList(torch.nn.LayerNorm(H) for _ in range(2))
-        self.blocks = torch.nn.ModuleList(GLU(H, I) for _ in range(2))
-
-    def layer(self, i, x):
-        return x + self.blocks[i](self.norms[i](x))
-
-    def forward(self, x):
-        for i in range(len(self.blocks)):
-            x = torch.utils.checkpoint.checkpoint(self.layer, i, x, use_reentrant=False)
-        return x
-
-
 def test_symbolic_tokens_under_checkpointing():
     """Layers under activation checkpointing with a symbolic token count: chunked and exact
     at every length. Inductor asks Dynamo to trace again here (TensorifyScalarRestartAnalysis,
     a float to specialize); the backend lets that signal through instead of taking it for a
     failure, so no region is reported as skipped and the second trace is rewritten."""
     torch.manual_seed(0)
-    eager = _CheckpointedLayers()
+    eager = Stack(2, checkpointed=True, hidden=H, inter=I)
     backend = mst_fx.make_backend(CFG)
     counters.clear()
     compiled = torch.compile(copy.deepcopy(eager), backend=backend, dynamic=True)

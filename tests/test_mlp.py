@@ -10,7 +10,7 @@ from torch.utils.checkpoint import checkpoint
 
 import mst_fx
 from mst_fx.backend import aot_eager_compiler
-from blocks import GLU, Conv1DMLP, FusedGateUp, MatmulMLP, Plain, gelu_tanh, squared_relu
+from blocks import GLU, Conv1DMLP, FusedGateUp, MatmulMLP, Plain, Stack, gelu_tanh, squared_relu
 from helpers import check_rewrite
 
 H, I = 32, 96
@@ -52,27 +52,6 @@ def test_dtypes(dtype):
     block = GLU(H, I).to(dtype)
     x = torch.randn(3, 50, H, dtype=dtype, requires_grad=True)
     check_rewrite(block, [x], expect={"mlp": 1}, config=CFG, dtype=dtype)
-
-
-class Stack(nn.Module):
-    """Pre-norm residual layers, optionally each under torch.utils.checkpoint."""
-
-    def __init__(self, layers=2, checkpointed=False):
-        super().__init__()
-        self.norms = nn.ModuleList(nn.LayerNorm(H) for _ in range(layers))
-        self.mlps = nn.ModuleList(GLU(H, I) for _ in range(layers))
-        self.checkpointed = checkpointed
-
-    def layer(self, i, x):
-        return x + self.mlps[i](self.norms[i](x))
-
-    def forward(self, x):
-        for i in range(len(self.mlps)):
-            if self.checkpointed:
-                x = torch.utils.checkpoint.checkpoint(self.layer, i, x, use_reentrant=False)
-            else:
-                x = self.layer(i, x)
-        return x
 
 
 @pytest.mark.parametrize("checkpointed", [False, True])
