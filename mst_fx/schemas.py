@@ -10,16 +10,22 @@ re-traces took about a fifth of the compile (cProfile, 8k tokens).
 Calls with the same identifier run the same body (that is what the identifier means to
 invoke_subgraph; mst_fx gives one identifier per distinct body and chunk shape), so within
 one compile the schema of an ``mst_`` call is computed once per identifier and operand
-layout and reused. Other calls (a user's own nested_compile_region) are not touched.
+layout and reused. invoke_subgraph's autograd names the forward and backward graphs it
+derives from a body ``fw_<identifier>`` and ``bw_<identifier>_<n>``; torch 2.11 generates
+the schema of every ``fw_`` call too (256 re-traces for 16 layers x 8 chunks), so those
+names are memoized as well. Other calls (a user's own nested_compile_region) are not
+touched.
 """
 
 from __future__ import annotations
 
 import contextlib
+import re
 
 import torch
 
-PREFIX = "mst_"
+# mst_fx's identifiers, and the fw_/bw_ graphs invoke_subgraph's autograd derives from them.
+OURS = re.compile(r"((fw|bw)_)?mst_")
 
 
 @contextlib.contextmanager
@@ -31,7 +37,7 @@ def cached_chunk_schemas():
     cache: dict = {}
 
     def gen_schema(subgraph, identifier, *operands):
-        if not (isinstance(identifier, str) and identifier.startswith(PREFIX)):
+        if not (isinstance(identifier, str) and OURS.match(identifier)):
             return original(subgraph, identifier, *operands)
         key = (identifier, id(subgraph), tuple(_layout(o) for o in operands))
         if key not in cache:

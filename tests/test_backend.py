@@ -4,6 +4,7 @@ the backend by name ("mst") through the entry point."""
 import subprocess
 import sys
 
+import pytest
 import torch
 from torch._dynamo.utils import counters
 
@@ -146,3 +147,26 @@ def test_chunk_schemas_traced_once_per_body(monkeypatch):
     # 2 layers x 4 chunks share one body: each call re-traced it without the cache.
     assert uncached >= 8 and cached < uncached / 2, (cached, uncached)
     assert "gen_schema" not in vars(invoke_subgraph)  # the original method is back
+
+
+@pytest.mark.parametrize("identifier,traces", [("mst_mlp_0", 1), ("fw_mst_mlp_0", 1),
+                                               ("bw_mst_mlp_0_0", 1), ("subgraph_0", 2)])
+def test_chunk_schema_memo_names(monkeypatch, identifier, traces):
+    """The memo covers mst_fx's bodies under the names invoke_subgraph's autograd gives the
+    graphs it derives from them (torch 2.11 generates every fw_ call's schema), and no
+    other body."""
+    import torch._higher_order_ops.utils as hop_utils
+    from mst_fx.schemas import cached_chunk_schemas
+    from torch._higher_order_ops.invoke_subgraph import invoke_subgraph
+
+    real = hop_utils.materialize_as_graph
+    calls = []
+    monkeypatch.setattr(hop_utils, "materialize_as_graph",
+                        lambda *a, **k: calls.append(1) or real(*a, **k))
+    body = torch.fx.symbolic_trace(lambda x, w: (x @ w).relu())
+    x, w = torch.randn(4, 8), torch.randn(8, 8)
+    with cached_chunk_schemas():
+        first = invoke_subgraph.gen_schema(body, identifier, x, w)
+        second = invoke_subgraph.gen_schema(body, identifier, x, w)
+    assert str(first) == str(second)
+    assert len(calls) == traces
