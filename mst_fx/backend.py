@@ -20,6 +20,7 @@ from torch._dynamo.utils import counters
 from mst_fx import engine
 from mst_fx.barriers import ChunkBarriers, rewrite_identity
 from mst_fx.config import MSTConfig
+from mst_fx.embedding_recompute import RecomputeEmbeddings
 from mst_fx.report import Report, Skipped
 from mst_fx.schemas import cached_chunk_schemas
 
@@ -37,12 +38,17 @@ log = logging.getLogger("mst_fx.backend")
 #
 # ChunkBarriers (mst_fx.barriers) keeps Inductor from summing the chunks' weight gradients
 # in one kernel after the last chunk.
-def rewrite_inductor_config(regions=None, identity: str = "") -> dict:
+#
+# RecomputeEmbeddings (mst_fx.embedding_recompute) lets the partitioner repeat a checkpointed
+# model's embedding lookup in the backward instead of saving its output.
+def rewrite_inductor_config(regions=None, identity: str = "", recompute_embedding: bool = False) -> dict:
     """Inductor config patches for a rewritten graph; ``identity`` goes into the cache keys
     (see ChunkBarriers)."""
     from torch._inductor import config
 
     patches = {"post_grad_custom_post_pass": ChunkBarriers(config.post_grad_custom_post_pass, identity)}
+    if recompute_embedding:
+        patches["joint_custom_post_pass"] = RecomputeEmbeddings(config.joint_custom_post_pass)
     if regions is None or any(_aliases_inputs(r) for r in regions):
         patches.update(allow_buffer_reuse=False, inplace_buffers=False)
     return patches
@@ -123,7 +129,8 @@ class MSTBackend:
         applied = [r for r in report.regions if r.applied]
         # Patches even without a rewrite: their uuid keeps the artifacts compiled with our
         # decompositions apart from plain torch.compile's in the caches.
-        patches = rewrite_inductor_config(applied, rewrite_identity(self.config))
+        patches = rewrite_inductor_config(applied, rewrite_identity(self.config),
+                                          self.config.recompute_embedding)
         try:
             with cached_chunk_schemas():
                 compiled = compile_fx(gm, example_inputs, config_patches=patches)

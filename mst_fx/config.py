@@ -59,6 +59,10 @@ class MSTConfig:
             one rounding to the weight's dtype) instead of Inductor's decomposition, which
             builds it in a [V, H] fp32 buffer first (1.05 GB for Llama-3.2-1B's 128256 x
             2048, alive at the end of backward). Applies to every graph the backend compiles.
+        recompute_embedding: in a checkpointed model, the token embedding lookup (the first
+            layer's input, [tokens, hidden]) is repeated in the backward from the token ids
+            instead of being saved from the forward to the end of the backward (see
+            mst_fx.embedding_recompute). Applies to every graph the backend compiles.
         flex_attention: where the attention pass turns a mask it cannot drop (packing,
             padding, sliding window) into flex_attention. "cuda": on CUDA devices only
             (torch's CPU flex kernel has no backward, and gave wrong values at some
@@ -81,6 +85,7 @@ class MSTConfig:
     fp32_weight_grad: bool = True
     recompute_in_checkpoint: bool = True
     native_embedding_backward: bool = True
+    recompute_embedding: bool = True
     flex_attention: str = "cuda"
 
     def __post_init__(self) -> None:
@@ -107,7 +112,8 @@ class MSTConfig:
         if self.flex_attention not in FLEX_ATTENTION:
             raise ValueError(f"MSTConfig.flex_attention must be one of {FLEX_ATTENTION}, "
                              f"got {self.flex_attention!r}")
-        for name in ("fp32_weight_grad", "recompute_in_checkpoint", "native_embedding_backward"):
+        for name in ("fp32_weight_grad", "recompute_in_checkpoint", "native_embedding_backward",
+                     "recompute_embedding"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"MSTConfig.{name} must be a bool, got {getattr(self, name)!r}")
 

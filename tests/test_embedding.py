@@ -113,3 +113,56 @@ def test_backend_uses_the_op_on_cuda():
     assert "torch.ops.mst_fx.embedding_dense_backward" in "\n".join(code)
     for n, p in model.named_parameters():
         torch.testing.assert_close(p.grad, ref[n], rtol=1.6e-2, atol=1e-5, msg=n)
+
+
+def saved_for_backward(model, backend, ids) -> list[torch.Tensor]:
+    """The tensors the compiled step saves for its backward (real ones, not the fake tensors
+    seen while compiling); the step's backward runs, so the gradients are in .grad."""
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend=backend)
+    saved = []
+
+    def pack(t):
+        if not isinstance(t, FakeTensor):
+            saved.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = compiled(input_ids=ids, labels=ids).loss
+    loss.backward()
+    return saved
+
+
+@pytest.mark.parametrize("checkpointed", [True, False], ids=["checkpointed", "plain"])
+def test_checkpointed_model_repeats_the_lookup(checkpointed):
+    """A checkpointed HF Llama (tied head, fp32): no tensor saved for backward holds the
+    embedding lookup's output, which the backward repeats from the ids (with the pass off,
+    one does: the first layer's checkpoint). Every gradient equals eager's. Without
+    checkpointing the pass changes nothing that is saved."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)).train()
+    if checkpointed:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    ids = torch.randint(0, 96, (1, 300))
+    model(input_ids=ids, labels=ids).loss.backward()
+    ref = {n: p.grad.clone() for n, p in model.named_parameters()}
+    embedded = model.model.embed_tokens(ids).detach()
+
+    def holds_lookup(saved):
+        return any(t.shape == embedded.shape and torch.equal(t, embedded) for t in saved)
+
+    model.zero_grad()
+    on = saved_for_backward(model, mst_fx.make_backend(chunks=2), ids)
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, ref[n], rtol=1e-5, atol=1e-5, msg=n)
+    off = saved_for_backward(model, mst_fx.make_backend(chunks=2, recompute_embedding=False), ids)
+    if checkpointed:
+        assert holds_lookup(off) and not holds_lookup(on)
+        assert sum(t.numel() for t in on) < sum(t.numel() for t in off)
+    else:
+        assert [t.shape for t in on] == [t.shape for t in off]

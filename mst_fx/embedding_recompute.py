@@ -1,0 +1,72 @@
+"""Joint-graph pass: under activation checkpointing, rebuild the token embeddings in the
+backward instead of saving them for it.
+
+With gradient checkpointing each layer saves only its input. The first layer's input is
+the embedding lookup's output, a [tokens, hidden] tensor that AOTAutograd's partitioner
+saves from the forward to the end of the backward: ``aten.embedding`` is not on its list
+of ops it may recompute. Its inputs are already kept (the token ids, a few bytes per token,
+and the weight, a parameter), and the lookup is a gather that reads [tokens, hidden] once.
+This pass marks the lookup as recomputable (``CheckpointPolicy.PREFER_RECOMPUTE``, the
+tag checkpointed regions carry), so the partitioner saves the ids instead and repeats the
+lookup where the first layer's backward needs it. On Llama-3.2-1B at 64k tokens that is
+0.27 GB off a step's peak, which is in the last layer's backward, where every layer's
+checkpoint is alive.
+
+It changes only what is saved, never a value or a gradient. It touches a graph only if the
+graph already has recompute tags (a checkpointed model): in any other graph one tag would
+switch the partitioner to its activation-checkpointing mode. Only lookups whose weight is a
+graph input are marked, so that recomputing never makes the partitioner save a computed
+[vocab, hidden] weight. Installed as Inductor's joint_custom_post_pass.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch._functorch.partitioners import must_recompute
+from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
+from torch.fx import Graph
+from torch.utils.checkpoint import CheckpointPolicy
+
+EMBEDDING = torch.ops.aten.embedding.default
+
+
+def mark_embeddings(graph: Graph) -> int:
+    """Tag every embedding lookup of a parameter for recompute in the backward, if the joint
+    graph is checkpointed. Returns how many were tagged."""
+    if not any(must_recompute(n) for n in graph.nodes):
+        return 0
+    marked = 0
+    for node in graph.nodes:
+        if node.op != "call_function" or node.target is not EMBEDDING or "recompute" in node.meta:
+            continue
+        weight = node.args[0]
+        if isinstance(weight, torch.fx.Node) and weight.op == "placeholder":
+            node.meta["recompute"] = CheckpointPolicy.PREFER_RECOMPUTE
+            marked += 1
+    return marked
+
+
+def custom_passes(value) -> tuple:
+    """An Inductor custom-pass config value (None, one pass, or a list of them) as a tuple."""
+    if value is None:
+        return ()
+    return tuple(value) if isinstance(value, (list, tuple)) else (value,)
+
+
+class RecomputeEmbeddings(CustomGraphPass):
+    """Inductor joint custom pass; ``chained`` is a user's own joint_custom_post_pass (one or
+    a list), run first. ``uuid()`` enters Inductor's cache keys (see barriers.ChunkBarriers)."""
+
+    def __init__(self, chained=None):
+        self.chained = custom_passes(chained)
+
+    def __call__(self, graph: Graph) -> None:
+        for p in self.chained:
+            p(graph)
+        mark_embeddings(graph)
+
+    def uuid(self):
+        mine = get_hash_for_files((__file__,))
+        if not self.chained:
+            return mine
+        return (mine, *(p.uuid() if hasattr(p, "uuid") else repr(p) for p in self.chained))
