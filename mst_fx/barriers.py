@@ -33,8 +33,23 @@ ADD = torch.ops.aten.add.Tensor
 BODY_PREFIX = "partitioned_bw_mst_"
 
 
+def custom_passes(value) -> tuple:
+    """An Inductor custom-pass config value (None, one pass, or a list of them) as a tuple."""
+    if value is None:
+        return ()
+    return tuple(value) if isinstance(value, (list, tuple)) else (value,)
+
+
+def chained_uuid(mine, chained: tuple):
+    """``mine`` with the uuids of the user's own passes that run before ours."""
+    if not chained:
+        return mine
+    return (mine, *(p.uuid() if hasattr(p, "uuid") else repr(p) for p in chained))
+
+
 class ChunkBarriers(CustomGraphPass):
-    """Inductor custom pass; ``chained`` is a user's own post_grad_custom_post_pass, run first.
+    """Inductor custom pass; ``chained`` is a user's own post_grad_custom_post_pass (one or a
+    list), run first.
     Then mst_fx.dead_forwards' pass, then the barriers.
 
     ``identity`` names the rewrite that made the graph (mst_fx's code and the MSTConfig, see
@@ -44,21 +59,19 @@ class ChunkBarriers(CustomGraphPass):
     """
 
     def __init__(self, chained=None, identity: str = ""):
-        self.chained = chained
+        self.chained = custom_passes(chained)
         self.identity = identity
 
     def __call__(self, graph: Graph) -> None:
-        if self.chained is not None:
-            self.chained(graph)
+        for p in self.chained:
+            p(graph)
         dead_forwards.drop_dead_forwards(graph)
         add_barriers(graph)
 
     def uuid(self):
         # identity hashes these files too
-        mine = self.identity or get_hash_for_files((__file__, dead_forwards.__file__))
-        if self.chained is None:
-            return mine
-        return (mine, self.chained.uuid() if hasattr(self.chained, "uuid") else repr(self.chained))
+        return chained_uuid(self.identity or get_hash_for_files((__file__, dead_forwards.__file__)),
+                            self.chained)
 
 
 @functools.cache

@@ -27,6 +27,8 @@ from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_file
 from torch.fx import Graph
 from torch.utils.checkpoint import CheckpointPolicy
 
+from mst_fx.barriers import chained_uuid, custom_passes
+
 EMBEDDING = torch.ops.aten.embedding.default
 
 
@@ -46,13 +48,6 @@ def mark_embeddings(graph: Graph) -> int:
     return marked
 
 
-def custom_passes(value) -> tuple:
-    """An Inductor custom-pass config value (None, one pass, or a list of them) as a tuple."""
-    if value is None:
-        return ()
-    return tuple(value) if isinstance(value, (list, tuple)) else (value,)
-
-
 class RecomputeEmbeddings(CustomGraphPass):
     """Inductor joint custom pass; ``chained`` is a user's own joint_custom_post_pass (one or
     a list), run first. ``uuid()`` enters Inductor's cache keys (see barriers.ChunkBarriers)."""
@@ -66,7 +61,4 @@ class RecomputeEmbeddings(CustomGraphPass):
         mark_embeddings(graph)
 
     def uuid(self):
-        mine = get_hash_for_files((__file__,))
-        if not self.chained:
-            return mine
-        return (mine, *(p.uuid() if hasattr(p, "uuid") else repr(p) for p in self.chained))
+        return chained_uuid(get_hash_for_files((__file__,)), self.chained)

@@ -7,6 +7,7 @@ import sys
 import pytest
 import torch
 from torch._dynamo.utils import counters
+from torch._inductor.custom_graph_pass import CustomGraphPass
 
 import mst_fx
 from blocks import GLU, Stack
@@ -170,3 +171,28 @@ def test_chunk_schema_memo_names(monkeypatch, identifier, traces):
         second = invoke_subgraph.gen_schema(body, identifier, x, w)
     assert str(first) == str(second)
     assert len(calls) == traces
+
+
+class CountingPass(CustomGraphPass):
+    """A user's own Inductor pass: counts the graphs it sees."""
+
+    def __init__(self):
+        self.graphs = 0
+
+    def __call__(self, graph):
+        self.graphs += 1
+
+    def uuid(self):
+        return "counting-pass"
+
+
+def test_users_own_inductor_passes_still_run():
+    """A user's post-grad and joint-graph custom passes (a list, which torch 2.13 accepts, and
+    a single one) run before the backend's own, and the rewrite stays exact."""
+    post, joint = CountingPass(), CountingPass()
+    x = torch.randn(2, 40, 32, requires_grad=True)
+    with torch._inductor.config.patch(post_grad_custom_post_pass=[post], joint_custom_post_pass=joint,
+                                      fx_graph_cache=False), \
+            torch._functorch.config.patch(enable_autograd_cache=False):
+        check_rewrite(Stack(2, checkpointed=True), [x], expect={"mlp": 2}, config=CFG)
+    assert post.graphs >= 2 and joint.graphs >= 1, (post.graphs, joint.graphs)
