@@ -7,10 +7,10 @@ saves from the forward to the end of the backward: ``aten.embedding`` is not on 
 of ops it may recompute. Its inputs are already kept (the token ids, a few bytes per token,
 and the weight, a parameter), and the lookup is a gather that reads [tokens, hidden] once.
 This pass marks the lookup as recomputable (``CheckpointPolicy.PREFER_RECOMPUTE``, the
-tag checkpointed regions carry), so the partitioner saves the ids instead and repeats the
-lookup where the first layer's backward needs it. On Llama-3.2-1B at 64k tokens that is
-0.27 GB off a step's peak, which is in the last layer's backward, where every layer's
-checkpoint is alive.
+tag checkpointed regions carry), so the partitioner keeps only the ids and the weight and
+repeats the lookup where the first layer's backward needs it: one [tokens, hidden] tensor
+less wherever every layer's checkpoint is alive, as at the step's peak in the last layer's
+backward (CPU test: exactly that; on Llama-3.2-1B at 64k predicted 0.27 GB, RESULTS.md).
 
 It changes only what is saved, never a value or a gradient. It touches a graph only if the
 graph already has recompute tags (a checkpointed model): in any other graph one tag would
