@@ -33,8 +33,8 @@ EMBEDDING = torch.ops.aten.embedding.default
 
 
 def mark_embeddings(graph: Graph) -> int:
-    """Tag every embedding lookup of a parameter for recompute in the backward, if the joint
-    graph is checkpointed. Returns how many were tagged."""
+    """Tag every embedding lookup whose weight is a graph input (a parameter) for recompute
+    in the backward, if the joint graph is checkpointed. Returns how many were tagged."""
     if not any(must_recompute(n) for n in graph.nodes):
         return 0
     marked = 0

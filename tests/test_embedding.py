@@ -115,7 +115,6 @@ def test_backend_uses_the_op_on_cuda():
         torch.testing.assert_close(p.grad, ref[n], rtol=1.6e-2, atol=1e-5, msg=n)
 
 
-
 def test_lookups_marked_only_in_checkpointed_graphs():
     """mst_fx.embedding_recompute on a joint graph: nothing in a graph without recompute tags;
     in a checkpointed one, lookups of a graph input only (a computed weight would have to be

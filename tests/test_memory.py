@@ -101,4 +101,3 @@ def test_hf_llama_step_with_logits_kept():
     small_chunks = hf_llama_step_peak(smaller, model, ids)
     assert [r.chunks for r in smaller.report.regions if r.kind == "lm_head"] == [8]
     assert small_chunks <= 0.5 * plain, (small_chunks / 2**20, plain / 2**20)
-
