@@ -10,7 +10,7 @@ This pass marks the lookup as recomputable (``CheckpointPolicy.PREFER_RECOMPUTE`
 tag checkpointed regions carry), so the partitioner keeps only the ids and the weight and
 repeats the lookup where the first layer's backward needs it: one [tokens, hidden] tensor
 less wherever every layer's checkpoint is alive, as at the step's peak in the last layer's
-backward (CPU test: exactly that; on Llama-3.2-1B at 64k predicted 0.27 GB, RESULTS.md).
+backward (CPU test: exactly that; Llama-3.2-1B on an H200 at 64k: 0.27 GB, RESULTS.md).
 
 It changes only what is saved, never a value or a gradient. It touches a graph only if the
 graph already has recompute tags (a checkpointed model): in any other graph one tag would
