@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 from torch.fx import Graph, GraphModule, Node
 
-from mst_fx.tokenwise import value
+from mst_fx.tokenwise import hint, known, same_size, value
 
 AXES = ("b", "h", "q", "kv")
 
@@ -101,14 +101,19 @@ class MaskMod:
 
 
 def mask_sizes(q: Node, k: Node) -> dict[str, int]:
-    """The sizes of the four axes (b, h, q, kv) of attention between ``q`` and ``k``."""
+    """The sizes of the four axes (b, h, q, kv) of attention between ``q`` and ``k``; any of
+    them may be symbolic (dynamic shapes): every fact read from a mask then holds for all
+    values of the symbols (see _is_one, prove), and no guard is added."""
     qv, kv = value(q), value(k)
     if qv is None or kv is None or qv.dim() != 4 or kv.dim() != 4:
         raise NotAMaskMod("query/key are not 4-D [batch, heads, tokens, dim]")
-    sizes = {"b": qv.shape[0], "h": qv.shape[1], "q": qv.shape[2], "kv": kv.shape[2]}
-    if not all(isinstance(s, int) for s in sizes.values()):
-        raise NotAMaskMod("symbolic sequence length (dynamic shapes)")
-    return sizes
+    return {"b": qv.shape[0], "h": qv.shape[1], "q": qv.shape[2], "kv": kv.shape[2]}
+
+
+def _is_one(size) -> bool:
+    """A size-1 (broadcast) dim. Dynamo specializes sizes 0 and 1, so a symbolic size is
+    never 1."""
+    return same_size(size, 1)
 
 
 def extract(mask: Node, sizes: dict[str, int]) -> MaskMod:
@@ -188,7 +193,7 @@ class _Extractor:
         if dims is not None:
             src = n.args[0]
             sv = value(src)
-            inner = tuple(None if sv.shape[i] == 1 or d is None else bind[d] for i, d in enumerate(dims))
+            inner = tuple(None if _is_one(sv.shape[i]) or d is None else bind[d] for i, d in enumerate(dims))
             return self.emit(src, inner)
         if elementwise_op(n) is not None:
             args = [self.emit_operand(a, bind) for a in n.args]
@@ -202,6 +207,8 @@ class _Extractor:
     def emit_operand(self, a, bind: tuple):
         if isinstance(a, Node) and isinstance(value(a), torch.Tensor):
             return self.emit(a, _broadcast_bind(value(a).shape, bind))
+        if isinstance(a, Node) and isinstance(a.meta.get("example_value"), torch.SymInt):
+            raise NotAMaskMod(f"compares with the symbolic size {_name(a)} (dynamic shapes)")
         if isinstance(a, Node):
             raise NotAMaskMod(f"{_name(a)} is not a tensor")
         if isinstance(a, (list, tuple)) and any(isinstance(x, Node) for x in a):
@@ -235,24 +242,25 @@ class _Extractor:
         """A per-token tensor broadcast into the mask: read at the element's indices."""
         self.check_small(n)
         shape = tuple(value(n).shape)
-        idx, kept = [], []
-        for size, axis in zip(shape, bind):
-            if size == 1:
+        idx, kept, ones = [], [], []
+        for d, (size, axis) in enumerate(zip(shape, bind)):
+            if _is_one(size):
+                ones.append(d)
                 continue
-            if axis is None or size != self.sizes[axis]:
+            if axis is None or not same_size(size, self.sizes[axis]):
                 raise NotAMaskMod(f"{_name(n)} has shape {list(shape)}, not broadcastable "
                                   "to the mask's positions")
             self.used.add(axis)
             idx.append(self.index[axis])
             kept.append(size)
         buf = self.buffer(n)
-        if len(kept) != len(shape):
-            buf = self.g.call_method("reshape", (buf, tuple(kept)))
+        if ones:  # by position, not by sizes: a symbolic size must not enter the mask_mod
+            buf = self.g.call_method("squeeze", (buf, tuple(ones)))
         return self.g.call_function(operator.getitem, (buf, tuple(idx))) if idx else buf
 
     def check_small(self, n: Node) -> None:
-        s = self.sizes
-        if value(n).numel() > s["b"] * s["h"] * (s["q"] + s["kv"]):
+        s = {k: hint(v) for k, v in self.sizes.items()}  # a size test, not a proof
+        if hint(value(n).numel()) > s["b"] * s["h"] * (s["q"] + s["kv"]):
             raise NotAMaskMod(f"reads {_name(n)} of shape {list(value(n).shape)}: "
                               "a materialized mask, not per-token values")
 
@@ -268,9 +276,9 @@ class _Extractor:
 def _aligned(shape, axes, sizes) -> tuple:
     bind = []
     for size, axis in zip(shape, axes):
-        if size == 1:
+        if _is_one(size):
             bind.append(None)
-        elif size == sizes[axis]:
+        elif same_size(size, sizes[axis]):
             bind.append(axis)
         else:
             raise NotAMaskMod(f"mask of shape {list(shape)} does not fit the attention "
@@ -283,7 +291,7 @@ def _broadcast_bind(shape, bind: tuple) -> tuple:
     if len(shape) > len(bind):
         raise NotAMaskMod("operand of higher rank than its result")
     tail = bind[len(bind) - len(shape):]
-    return tuple(None if size == 1 else axis for size, axis in zip(shape, tail))
+    return tuple(None if _is_one(size) else axis for size, axis in zip(shape, tail))
 
 
 def _node_args(n: Node) -> list[Node]:
@@ -297,12 +305,22 @@ def _is_arange(n: Node) -> bool:
 
 
 def _arange_start_step(n: Node) -> tuple[int, int]:
+    """An arange's start and step, ints. Its end may be symbolic (``arange(S)`` at a
+    symbolic length): the range's length is bound to an axis by its shape, like any
+    other dim, and element i is start + i * step whatever the end."""
     args = n.args
     start = args[0] if len(args) >= 2 else n.kwargs.get("start", 0)
     step = args[2] if len(args) >= 3 else n.kwargs.get("step", 1)
-    if not all(isinstance(a, int) for a in (*args, start, step)):
-        raise NotAMaskMod("arange with non-integer or symbolic bounds")
+    end = args[1] if len(args) >= 2 else (args[0] if args else n.kwargs.get("end"))
+    if not all(isinstance(a, int) and not isinstance(a, bool) for a in (start, step)) or \
+            not (isinstance(end, int) or _symbolic_size(end)):
+        raise NotAMaskMod("arange with non-integer bounds")
     return start, step
+
+
+def _symbolic_size(x) -> bool:
+    """A graph value that is a symbolic int (a size Dynamo passes as a SymInt)."""
+    return isinstance(x, Node) and isinstance(x.meta.get("example_value"), torch.SymInt)
 
 
 def _is_advanced_index(n: Node) -> bool:
@@ -331,9 +349,10 @@ def _placement(n: Node) -> list[int | None] | None:
         off = out.dim() - src.dim()
         return [off + i for i in range(src.dim())]
     # unsqueeze / view / reshape: the non-1 dims must come out in the same order and sizes.
-    big_in = [i for i, s in enumerate(src.shape) if s != 1]
-    big_out = [i for i, s in enumerate(out.shape) if s != 1]
-    if [src.shape[i] for i in big_in] != [out.shape[i] for i in big_out]:
+    big_in = [i for i, s in enumerate(src.shape) if not _is_one(s)]
+    big_out = [i for i, s in enumerate(out.shape) if not _is_one(s)]
+    if len(big_in) != len(big_out) or \
+            not all(same_size(src.shape[i], out.shape[j]) for i, j in zip(big_in, big_out)):
         return None
     where = dict(zip(big_in, big_out))
     return [where.get(i) for i in range(src.dim())]
@@ -420,8 +439,9 @@ class _Same:  # an unknown value read from a tensor at an index, plus k
 
 @dataclass(frozen=True)
 class _Buf:
-    tensor: torch.Tensor | None  # None: depends on a graph input
+    tensor: torch.Tensor | None  # None: depends on a graph input, or has a symbolic length
     name: str
+    seq: "_Seq | None" = None  # its values as a function of the token index (symbolic length)
 
 
 class _Opaque(Exception):
@@ -438,24 +458,36 @@ def prove(mm: MaskMod, sizes: dict[str, int]) -> Verdict:
         return Verdict("full", "always true") if out else Verdict("mask", "never true")
     if not isinstance(out, _Band):
         return Verdict("mask", "not a condition on q - kv")
-    lo, hi = max(out.lo, -(sizes["kv"] - 1)), min(out.hi, sizes["q"] - 1)
-    if lo <= -(sizes["kv"] - 1) and hi >= sizes["q"] - 1:
+    # q - kv ranges over [-(KV - 1), Q - 1]; a bound past an end restricts nothing. With
+    # symbolic lengths a finite bound is a restriction at some length, so it stays.
+    lo_free = _at_most(out.lo, 1 - sizes["kv"])
+    hi_free = _at_most(sizes["q"] - 1, out.hi)
+    if lo_free and hi_free:
         return Verdict("full", "always true")
-    if sizes["q"] == sizes["kv"] and lo == 0 and hi >= sizes["q"] - 1:
+    if same_size(sizes["q"], sizes["kv"]) and hi_free and out.lo == 0:
         return Verdict("causal", "kv <= q")
     what = []
-    if lo > -(sizes["kv"] - 1):
-        what.append(f"q - kv >= {int(lo)}")
-    if hi < sizes["q"] - 1:
-        what.append(f"q - kv <= {int(hi)} (sliding window)")
+    if not lo_free:
+        what.append(f"q - kv >= {int(out.lo)}")
+    if not hi_free:
+        what.append(f"q - kv <= {int(out.hi)} (sliding window)")
     return Verdict("mask", " and ".join(what))
+
+
+def _at_most(a, b) -> bool:
+    """a <= b for every value of the symbols in them (ints, SymInts or +-inf)."""
+    if a == -INF or b == INF:
+        return True
+    if a == INF or b == -INF:
+        return False
+    return known(a <= b)
 
 
 def diagonal_allowed(mm: MaskMod, sizes: dict[str, int]) -> bool:
     """Whether every query may attend to its own position (mask(b, h, i, i) is true for
     all i), so that no row of the mask is empty: read with kv = q, where a per-token
     tensor compared with itself at the same index is equal whatever its values."""
-    if sizes["q"] != sizes["kv"]:
+    if not same_size(sizes["q"], sizes["kv"]):
         return False
     try:
         out = _Prover(mm, sizes, diagonal=True).run()
@@ -489,15 +521,16 @@ class _Prover:
         if name in ("b", "h"):
             return _Idx(name)
         node = next(bufs)
-        return _Buf(constant_value(node), node.name)
+        return _Buf(constant_value(node), node.name, sequence_value(node))
 
     def step(self, n: Node, args, kwargs):
         t = n.target
-        if n.op == "call_method" and t == "reshape":
+        if n.op == "call_method" and t in ("reshape", "squeeze"):
             buf = args[0]
             if isinstance(buf, _Buf):
-                return _Buf(None if buf.tensor is None else buf.tensor.reshape(args[1]), buf.name)
-            raise _Opaque("reshape of a computed value")
+                return _Buf(None if buf.tensor is None else getattr(buf.tensor, t)(args[1]), buf.name,
+                            buf.seq)
+            raise _Opaque(f"{t} of a computed value")
         if t is operator.getitem:
             return self.lookup(args[0], args[1])
         op = elementwise_op(n)
@@ -526,6 +559,8 @@ class _Prover:
         idx = idx if isinstance(idx, tuple) else (idx,)
         if buf.tensor is None and self.diagonal:  # unknown values, but the same at the same index
             return _Same(buf.name, idx)
+        if buf.tensor is None and buf.seq is not None:
+            return self.sequence_lookup(buf, idx)
         if buf.tensor is None:
             raise _Opaque(f"{buf.name} depends on the graph's inputs")
         table = buf.tensor
@@ -560,6 +595,21 @@ class _Prover:
         raise _Opaque(f"reads {buf.name}, whose values it cannot reduce")
 
 
+    def sequence_lookup(self, buf, idx):
+        """A read of a buffer known as a function of the token index (see sequence_value):
+        the same token index, the others plain indices."""
+        token = [x for x in idx if isinstance(x, _Aff)]
+        if len(token) != 1 or any(not isinstance(x, (_Aff, _Idx, int)) or isinstance(x, bool) for x in idx):
+            raise _Opaque(f"reads {buf.name} at an index it cannot follow")
+        axis = {(1, 0, 0): "q", (0, 1, 0): "kv"}.get((token[0].a, token[0].c, token[0].k))
+        seq = buf.seq
+        if axis is None or seq.first != seq.k:  # a shifted index, or a first value apart
+            raise _Opaque(f"reads {buf.name}, whose values it cannot reduce")
+        if seq.a == 0:
+            return seq.k
+        if seq.a == 1 and not isinstance(seq.k, bool):
+            return _Aff(1, 0, seq.k) if axis == "q" else _Aff(0, 1, seq.k)
+        raise _Opaque(f"reads {buf.name}, whose values it cannot reduce")
 
 
 def _as_aff(x):
@@ -593,12 +643,13 @@ def _compare(op: str, x, y, sizes: dict[str, int]):
         x = _Aff(1, 0, 0) if x.axis == "q" else _Aff(0, 1, 0)
         y = _Aff(1, 0, 0) if y.axis == "q" else _Aff(0, 1, 0)
     d = _lin(x, y, -1)  # x OP y  <=>  d OP 0,  d = a*q + c*kv + k
+    if d.a == 0 and d.c == 0:
+        return _holds(op, d.k)
     if d.a == 0 or d.c == 0:  # on one index alone: linear, so its ends decide
         n = sizes["q"] if d.c == 0 else sizes["kv"]
-        ends = {d.k + (d.a or d.c) * i for i in (0, n - 1)}
-        holds = {_holds(op, e) for e in ends}
-        if len(holds) == 1 and (op != "eq" or len(ends) == 1 or d.a == d.c == 0):
-            return holds.pop()
+        ends = [_known_holds(op, d.k + (d.a or d.c) * i) for i in (0, n - 1)]
+        if op != "eq" and ends[0] is not None and ends[0] == ends[1]:
+            return ends[0]
         raise _Opaque("a condition on q or kv alone (a prefix or a range)")
     if (d.a, d.c) not in ((1, -1), (-1, 1)):
         raise _Opaque("a condition that is not on q - kv")
@@ -613,6 +664,18 @@ def _compare(op: str, x, y, sizes: dict[str, int]):
 
 def _holds(op: str, d: int) -> bool:
     return {"le": d <= 0, "lt": d < 0, "ge": d >= 0, "gt": d > 0, "eq": d == 0}[op]
+
+
+def _known_holds(op: str, d) -> bool | None:
+    """``d OP 0`` for every value of d's symbols: True, False, or None when that depends on
+    them (no guard added)."""
+    if isinstance(d, int):
+        return _holds(op, d)
+    if known({"le": d <= 0, "lt": d < 0, "ge": d >= 0, "gt": d > 0, "eq": d == 0}[op]):
+        return True
+    if known({"le": d > 0, "lt": d >= 0, "ge": d < 0, "gt": d <= 0, "eq": d != 0}[op]):
+        return False
+    return None
 
 
 def _cond(x):
@@ -639,6 +702,97 @@ def _or(x, y):
     raise _Opaque("an 'or' of two conditions")
 
 
+@dataclass(frozen=True)
+class _Seq:
+    """A tensor along the tokens whose element i is ``a * i + k`` for i >= 1 and ``first``
+    at i = 0, at every length (booleans: a = 0); its other dims are broadcast copies."""
+
+    a: int
+    k: int | bool
+    first: int | bool
+
+
+def sequence_value(n: Node) -> _Seq | None:
+    """What ``constant_value`` gives at a static length, for a buffer whose length is
+    symbolic: its elements as a function of the token index, read from how the graph
+    computes it from ``arange(S)`` (the index arithmetic transformers does for positions
+    and packed-sequence ids: +/- constants, diff with a prepended first value, comparisons
+    with constants, cumsum, placement of size-1 dims). Holds for every S; None for
+    anything else."""
+    try:
+        return _seq(n, {})
+    except _Opaque:
+        return None
+
+
+def _seq(n, memo: dict) -> _Seq:
+    if isinstance(n, (int, bool)):
+        return _Seq(0, n, n)
+    if not isinstance(n, Node):
+        raise _Opaque("not a sequence")
+    if n in memo:
+        return memo[n]
+    v = value(n)
+    if not isinstance(v, torch.Tensor) or v.is_floating_point():
+        raise _Opaque("not an integer sequence")
+    token = [d for d in v.shape if not isinstance(d, int)]
+    if len(token) > 1 or any(isinstance(d, int) and d != 1 for d in v.shape) and not token:
+        raise _Opaque("not one token axis")
+    op = elementwise_op(n)
+    if _is_arange(n):
+        start, step = _arange_start_step(n)
+        out = _Seq(step, start, start)
+    elif n.op == "call_method" and n.target in ("unsqueeze", "expand", "view", "reshape") or \
+            n.op == "call_function" and n.target is torch.unsqueeze:
+        if _placement(n) is None:
+            raise _Opaque("regroups the tokens")
+        out = _seq(n.args[0], memo)
+    elif n.op == "call_function" and n.target is operator.getitem and _first_only(n):
+        x = _seq(n.args[0], memo)
+        out = _Seq(0, x.first, x.first)
+    elif n.op == "call_function" and n.target is torch.diff and len(n.args) == 1 and \
+            n.kwargs.get("dim", -1) in (-1, value(n).dim() - 1) and n.kwargs.get("n", 1) == 1:
+        x, p = _seq(n.args[0], memo), _seq(n.kwargs.get("prepend"), memo)
+        if p.a != 0 or x.first != x.k or value(n.kwargs["prepend"]).shape[-1] != 1:
+            raise _Opaque("diff of a sequence it cannot follow")
+        out = _Seq(0, x.a, x.first - p.k)
+    elif n.op == "call_method" and n.target == "cumsum" and n.args[1:] in ((-1,), (v.dim() - 1,)):
+        x = _seq(n.args[0], memo)
+        if x.a != 0:
+            raise _Opaque("cumsum of a growing sequence")
+        out = _Seq(int(x.k), int(x.first), int(x.first))  # first + k * i
+    elif op in ("add", "sub", "mul") and len(n.args) == 2:
+        x, y = (_seq(a, memo) for a in n.args)
+        f = {"add": operator.add, "sub": operator.sub, "mul": operator.mul}[op]
+        if op == "mul" and x.a and y.a:
+            raise _Opaque("a product of two growing sequences")
+        if op == "mul":
+            c, z = (x, y) if not x.a else (y, x)
+            if c.first != c.k:
+                raise _Opaque("a product with a sequence it cannot follow")
+            out = _Seq(z.a * c.k, z.k * c.k, z.first * c.k)
+        else:
+            out = _Seq(f(x.a, y.a), f(x.k, y.k), f(x.first, y.first))
+    elif op in ("eq", "ne", "lt", "le", "gt", "ge") and len(n.args) == 2:
+        x, y = (_seq(a, memo) for a in n.args)
+        if x.a or y.a:
+            raise _Opaque("a comparison of growing sequences")
+        f = getattr(operator, op)
+        out = _Seq(0, bool(f(x.k, y.k)), bool(f(x.first, y.first)))
+    else:
+        raise _Opaque(f"{_name(n)} is not index arithmetic")
+    memo[n] = out
+    return out
+
+
+def _first_only(n: Node) -> bool:
+    """x[..., :1] (or x[:, :1] on [B, S]): the first token only."""
+    idx = n.args[1] if isinstance(n.args[1], tuple) else (n.args[1],)
+    last = idx[-1] if idx else None
+    return isinstance(last, slice) and last.start in (None, 0) and last.stop == 1 and last.step in (None, 1) \
+        and all(i is Ellipsis or i == slice(None) for i in idx[:-1])
+
+
 # Ops a constant buffer may be computed with (all cheap, deterministic, O(tokens)).
 _MAX_CONSTANT_NUMEL = 1 << 24
 
@@ -655,6 +809,8 @@ def constant_value(n: Node) -> torch.Tensor | None:
         if x.op not in ("call_function", "call_method") or _random_or_inplace(x):
             return None
         v = value(x)
+        if isinstance(v, torch.Tensor) and not all(isinstance(d, int) for d in v.shape):
+            return None  # its size is symbolic: running it here would fix the length
         if isinstance(v, torch.Tensor) and v.numel() > _MAX_CONSTANT_NUMEL:
             return None
         order.append(x)

@@ -248,6 +248,38 @@ def same_size(a, b) -> bool:
     a guard (a backend runs after Dynamo has fixed its guards)."""
     if isinstance(a, int) and isinstance(b, int):
         return a == b
+    return known(a == b)
+
+
+def known(condition) -> bool:
+    """Whether a condition on sizes (a bool, or a SymBool of symbolic sizes) holds for every
+    value of its symbols; never adds a guard."""
+    if isinstance(condition, bool):
+        return condition
     from torch.fx.experimental.symbolic_shapes import statically_known_true
 
-    return statically_known_true(a == b)
+    return statically_known_true(condition)
+
+
+def size_node(gm, size, before: Node):
+    """``size`` as a graph argument usable just before ``before``: an int as it is; a symbolic
+    size as a node of ``gm`` that holds it at run time (a SymInt input Dynamo passes, or a
+    ``size()`` of an earlier tensor with that dim, inserted before ``before``). A SymInt
+    object itself must never sit in a node's arguments: it would be a constant of the
+    traced length. Raises ValueError when no earlier node has it."""
+    if isinstance(size, int):
+        return size
+    for n in gm.graph.nodes:
+        if n is before:
+            break
+        v = n.meta.get("example_value")
+        if isinstance(v, torch.SymInt) and same_size(v, size):
+            return n
+        if isinstance(v, torch.Tensor):
+            for d, s in enumerate(v.shape):
+                if not isinstance(s, int) and same_size(s, size):
+                    with gm.graph.inserting_before(before):
+                        got = gm.graph.call_method("size", (n, d))
+                    got.meta["example_value"] = s
+                    return got
+    raise ValueError(f"no value of the graph holds the size {size}")

@@ -38,6 +38,7 @@ uses any more is removed (and its arguments to checkpointed bodies with it).
 
 from __future__ import annotations
 
+import math
 import operator
 from dataclasses import dataclass, field
 
@@ -50,7 +51,7 @@ from mst_fx.config import MSTConfig
 from mst_fx.masks import (MaskMod, NotAMaskMod, constant_value, diagonal_allowed, extract, mask_sizes,
                           prove)
 from mst_fx.report import Region, Report, Skipped
-from mst_fx.tokenwise import arg_of, hint, same_size, value
+from mst_fx.tokenwise import arg_of, hint, same_size, size_node, value
 
 KIND = "attention"
 SDPA = {torch._C._nn.scaled_dot_product_attention, F.scaled_dot_product_attention}
@@ -92,6 +93,7 @@ class AttentionPlan:
     shared: Shared
     eager: "EagerAttention | None" = None  # set when the call is HF's eager attention path
     shared_kv: tuple | None = None  # key's and value's (base, n, transposed) for enable_gqa=True
+    layout: tuple | None = None  # flex: the block mask's flex.layout, worked out at detection
 
 
 def detect(gm: GraphModule, config: MSTConfig, checkpointed: bool, where) -> Report:
@@ -207,7 +209,7 @@ def _plan(n: Node, owner: GraphModule, path: list[Step], shared: Shared, where,
     sizes = mask_sizes(q, k)
     mm = extract(mask, sizes)
     verdict = prove(mm, sizes)
-    held = sizes["b"] * sizes["q"] * sizes["kv"]  # a bool per (batch, q, kv), at least
+    held = hint(sizes["b"]) * hint(sizes["q"]) * hint(sizes["kv"])  # a bool per (batch, q, kv), at least
     if verdict.kind in ("causal", "full"):
         detail = f"{verdict.kind}: mask dropped ({verdict.reason})" + (f"; {gqa}" if gqa else "")
         mode = verdict.kind
@@ -225,10 +227,16 @@ def _plan(n: Node, owner: GraphModule, path: list[Step], shared: Shared, where,
         reads = ", ".join(b.name for b in mm.buffers) or "only the indices"
         detail = f"flex: {verdict.reason} (mask_mod reads {reads})"
         mode = "flex"
-    return Region(kind=KIND, where=where([n]), tokens=sizes["q"], chunks=0, bytes_saved=held,
-                  detail=detail,
-                  plan=AttentionPlan(n, owner, path, mask, mode, sizes, mm if mode == "flex" else None,
-                                     shared, shared_kv=shared_kv))
+    plan = AttentionPlan(n, owner, path, mask, mode, sizes, mm if mode == "flex" else None,
+                         shared, shared_kv=shared_kv)
+    if mode == "flex":
+        plan.layout = _fake_layout(plan)
+    return Region(kind=KIND, where=where([n]), tokens=hint(sizes["q"]), chunks=0, bytes_saved=held,
+                  detail=detail + _symbolic_note(sizes), plan=plan)
+
+
+def _symbolic_note(sizes: dict) -> str:
+    return ", symbolic tokens" if not isinstance(sizes["q"], int) else ""
 
 
 def _shared_heads(args: dict) -> tuple[tuple | None, str, int]:
@@ -465,9 +473,7 @@ def _plan_eager(e: EagerAttention, owner: GraphModule, path: list[Step], shared:
     if not _flex_allowed(config, qv):
         raise CantRewrite(f"written-out attention left as it is: flex_attention="
                           f"{config.flex_attention!r} and the device is {qv.device.type}")
-    sizes = {"b": qv.shape[0], "h": qv.shape[1], "q": qv.shape[2], "kv": value(e.key).shape[2]}
-    if not all(isinstance(v, int) for v in sizes.values()):
-        raise CantRewrite("symbolic sequence length (dynamic shapes)")
+    sizes = mask_sizes(e.query, e.key)
     if e.mask is None:
         mask, path, mm = None, [], _no_mask()
         why = "no mask"
@@ -484,10 +490,11 @@ def _plan_eager(e: EagerAttention, owner: GraphModule, path: list[Step], shared:
     _check_unshared(path)
     ops = ", ".join(_op_text(n) for n in e.score_mod.graph.nodes if n.op in ("call_function", "call_method"))
     detail = f"flex: written-out attention, score_mod {ops or 'none'}; {why}"
-    return Region(kind=KIND, where=where([e.end]), tokens=sizes["q"], chunks=0,
-                  bytes_saved=sizes["b"] * sizes["h"] * sizes["q"] * sizes["kv"] * 4,
-                  detail=detail, plan=AttentionPlan(e.end, owner, path, mask, "flex", sizes, mm,
-                                                    shared, eager=e))
+    plan = AttentionPlan(e.end, owner, path, mask, "flex", sizes, mm, shared, eager=e)
+    plan.layout = _fake_layout(plan)
+    return Region(kind=KIND, where=where([e.end]), tokens=hint(sizes["q"]), chunks=0,
+                  bytes_saved=math.prod(hint(v) for v in sizes.values()) * 4,
+                  detail=detail + _symbolic_note(sizes), plan=plan)
 
 
 def _no_mask() -> MaskMod:
@@ -547,16 +554,17 @@ def _block_mask(home: GraphModule, plan: AttentionPlan) -> tuple[list[Node], tup
     key = (id(home), plan.mask)
     if key in plan.shared.block_masks:
         return plan.shared.block_masks[key]
-    mm, s = plan.mask_mod, plan.sizes
-    B = s["b"] if "b" in mm.uses else 1
-    H = s["h"] if "h" in mm.uses else 1
+    mm, s, lay = plan.mask_mod, plan.sizes, plan.layout
+    B, H = _mask_heads(plan)
     device = value(plan.call.args[0]).device
-    lay = _fake_layout(mm, B, H, s["q"], s["kv"], device)
     g = home.graph
     with g.inserting_after(plan.mask) if plan.mask is not None else g.inserting_before(plan.call):
         attr = g.get_attr(_attr(home, mm.module, plan.shared))
+    # Symbolic sizes (dynamic shapes) are read from the graph at run time: the block mask is
+    # built for the current length, with no recompile per length.
+    dims = [size_node(home, d, attr) for d in (B, H, s["q"], s["kv"])]
     with g.inserting_after(attr):
-        call = g.call_function(flex.block_mask, (attr, B, H, s["q"], s["kv"], device, *mm.buffers))
+        call = g.call_function(flex.block_mask, (attr, *dims, device, *mm.buffers))
     parts, last = [], call
     for i, p in enumerate(lay):
         if p == flex.TENSOR:
@@ -567,17 +575,37 @@ def _block_mask(home: GraphModule, plan: AttentionPlan) -> tuple[list[Node], tup
     return parts, lay
 
 
-def _fake_layout(mm: MaskMod, B: int, H: int, Q: int, KV: int, device) -> tuple:
-    """Which entries of the block-mask tuple are tensors, from a run on fake tensors."""
+def _mask_heads(plan: AttentionPlan) -> tuple:
+    """The block mask's batch and head sizes: 1 where the mask does not depend on them."""
+    s, uses = plan.sizes, plan.mask_mod.uses
+    return (s["b"] if "b" in uses else 1), (s["h"] if "h" in uses else 1)
+
+
+def _fake_layout(plan: AttentionPlan) -> tuple:
+    """Which entries of the block-mask tuple are tensors or sequence lengths, from a run on
+    fake tensors (in the graph's own fake mode, so symbolic lengths stay symbolic)."""
+    from torch._dispatch.python import enable_python_dispatcher
     from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 
+    mm, s = plan.mask_mod, plan.sizes
+    B, H = _mask_heads(plan)
+    Q, KV = s["q"], s["kv"]
+    qv = value(plan.call.args[0])
     bufs = [value(b) for b in mm.buffers]
-    modes = {id(b.fake_mode): b.fake_mode for b in bufs if isinstance(b, FakeTensor)}
-    if len(modes) > 1 or any(not isinstance(b, FakeTensor) for b in bufs):
+    if any(not isinstance(b, FakeTensor) for b in bufs):
+        raise CantRewrite("the mask's inputs have no single fake-tensor mode")
+    modes = {id(t.fake_mode): t.fake_mode for t in bufs + [qv] if isinstance(t, FakeTensor)}
+    if len(modes) > 1:
         raise CantRewrite("the mask's inputs have no single fake-tensor mode")
     mode = next(iter(modes.values())) if modes else FakeTensorMode()
-    with mode:
-        return flex.layout(flex.block_mask(mm.module, B, H, Q, KV, device, *bufs))
+    # The python dispatcher runs the decompositions that symbolic sizes need (padding to
+    # whole blocks), as AOTAutograd does when it traces the same call.
+    with mode, enable_python_dispatcher():
+        parts = flex.block_mask(mm.module, B, H, Q, KV, qv.device, *bufs)
+    try:
+        return flex.layout(parts, Q, KV)
+    except ValueError as e:
+        raise CantRewrite(str(e)) from None
 
 
 def _attr(mod: GraphModule, fn: GraphModule, shared: Shared) -> str:
