@@ -118,10 +118,18 @@ def emit_chunk_loop(owner: GraphModule, data: Node, end: Node, bodies: list[tupl
     return result
 
 
-def bounded_chunks(config, tokens: int, natural: int) -> tuple[int, str]:
+def bounded_chunks(config, tokens: int, natural: int, symbolic: bool = False) -> tuple[int, str]:
     """M for a region of ``tokens`` whose pass would pick ``natural`` chunks: the config's
     fixed ``chunks`` if set, else ``natural`` capped by ``max_chunks`` and by
-    ``tokens // min_chunk_tokens``. With it, the reason to give when M < 2."""
+    ``tokens // min_chunk_tokens``. With it, the reason to give when M < 2.
+
+    ``symbolic``: the graph serves every length (dynamic shapes), and ``tokens`` is only the
+    one Dynamo traced with, which may be the shortest the run will see; M is then planned
+    for long sequences (no ``min_chunk_tokens`` cap): at short lengths its chunks are
+    smaller than a static graph's, never larger."""
+    if symbolic:
+        return (config.chunks or min(natural, config.max_chunks),
+                f"chunks={config.chunks} or max_chunks={config.max_chunks}: nothing to split")
     if config.chunks is not None:
         return (min(config.chunks, tokens),
                 f"chunks={config.chunks} with {tokens} tokens: nothing to split")

@@ -11,8 +11,9 @@ summed or averaged over all tokens (cross_entropy / nll_loss with reduction "sum
 the graph. Other tensors read on the way must be per-token (chunked along with the
 tokens) or per-vocabulary / scalar (passed whole). Anything else (an op that mixes the
 tokens of the logits, class weights) leaves the head unchanged, with the reason in
-explain. A symbolic token count (dynamic shapes) is chunked in the recompute mode, M
-chosen from the traced length (see mst_fx.chunking.symbolic_rows).
+explain. A symbolic token count (dynamic shapes) is chunked in either mode, M chosen
+from the traced length (see mst_fx.chunking.symbolic_rows); the forward mode's bodies are
+then traced at symbolic row counts.
 
 Rewriting: the head becomes a loop over M chunks of tokens, each an invoke_subgraph call
 of one compiled body, with one of two gradient modes (MSTConfig.lm_head_grad):
@@ -42,8 +43,7 @@ import torch.nn.functional as F
 from torch.fx import Graph, GraphModule, Node
 from torch.fx.node import map_arg
 
-from mst_fx.chunking import (Body, _checkpointed, bounded_chunks, build_body, chunk_rows, symbolic_row_labels,
-                             symbolic_rows)
+from mst_fx.chunking import Body, _checkpointed, bounded_chunks, build_body, chunk_rows, symbolic_rows
 from mst_fx.config import MSTConfig
 from mst_fx.projections import Projection, find
 from mst_fx.report import Region, Report, Skipped
@@ -99,7 +99,7 @@ class HeadPlan:
     after: Node  # the loop goes right after this node
     proj_nodes: list[Node]  # the projection: [proj], or its base and adapters (graph order)
     adapted: Body | None  # for a projection with adapters: its nodes as a body (recompute mode)
-    symbolic: bool = False  # the token count is symbolic (dynamic shapes): recompute mode
+    symbolic: bool = False  # the token count is symbolic (dynamic shapes)
 
     def proj_inputs(self) -> list[Node]:
         """What the projection reads besides the tokens, passed whole to each chunk."""
@@ -141,7 +141,7 @@ def _plan(gm: GraphModule, unit: Projection, config: MSTConfig, order: dict, whe
         if not same_size(width, unit.in_width):
             raise CantChunk("symbolic feature width")
         width = unit.in_width
-    # Symbolic token count (dynamic shapes): M from the traced length, recompute mode.
+    # Symbolic token count (dynamic shapes): M from the traced length.
     symbolic = not isinstance(token_count, int)
     tokens = hint(token_count)
 
@@ -182,16 +182,16 @@ def _plan(gm: GraphModule, unit: Projection, config: MSTConfig, order: dict, whe
     scalars = [e for e in exits if e.kind == "scalar"]
     mode = config.lm_head_grad
     if mode == "forward" and (len(scalars) != 1 or any(e.kind == "tokens" for e in exits)
-                              or any(_needs_grad(t) for t in per_token) or adapted or symbolic):
-        # Gradients in the forward need one scalar loss, one weight (no adapters) and
-        # static chunk shapes (its bodies are traced with make_fx at their row counts).
+                              or any(_needs_grad(t) for t in per_token) or adapted):
+        # Gradients in the forward need one scalar loss and one weight (no adapters).
         mode = "recompute"
     wv = value(weight) if weight is not None else None
     fp32_acc = mode == "forward" and config.fp32_weight_grad and wv is not None \
         and wv.dtype in (torch.bfloat16, torch.float16)
-    chunks = _chunk_count(config, tokens, width, vocab, fp32_acc)
+    chunks = _chunk_count(config, tokens, width, vocab, fp32_acc, symbolic)
     logits_bytes = tokens * vocab * zv.element_size()
-    if fp32_acc and config.chunks is None and logits_bytes <= 2 * wv.numel() * wv.element_size():
+    if fp32_acc and config.chunks is None and not symbolic and \
+            logits_bytes <= 2 * wv.numel() * wv.element_size():
         # The fp32 buffer costs about twice the weight's bytes beyond the final gradient
         # (H100, V=128256, H=4096, 4096 tokens: 2.10 GB over the gradients vs 1.05 GB for
         # plain compile); below that size chunking raises the peak.
@@ -418,8 +418,13 @@ def _shape_dims(shape, data_shape, token_count):
     return out
 
 
-def _chunk_count(config: MSTConfig, tokens: int, width: int, vocab: int, fp32_acc: bool) -> int:
-    if config.chunk_bytes is not None:
+def _chunk_count(config: MSTConfig, tokens: int, width: int, vocab: int, fp32_acc: bool,
+                 symbolic: bool = False) -> int:
+    if symbolic and (config.chunk_bytes is not None or fp32_acc):
+        # Both rules below scale M with the token count, which a symbolic graph does not
+        # know: plan for long sequences (see chunking.bounded_chunks).
+        natural = config.max_chunks
+    elif config.chunk_bytes is not None:
         natural = math.ceil(tokens * vocab * 4 / config.chunk_bytes)
     elif fp32_acc:
         # The fp32 weight-gradient buffer (V x H x 4 bytes) is held anyway; a chunk's logits
@@ -429,7 +434,7 @@ def _chunk_count(config: MSTConfig, tokens: int, width: int, vocab: int, fp32_ac
         natural = math.ceil(2 * tokens / width)
     else:  # MsT: a chunk's logits about the size of the head's input
         natural = math.ceil(vocab / width)
-    chunks, too_few = bounded_chunks(config, tokens, natural)
+    chunks, too_few = bounded_chunks(config, tokens, natural, symbolic)
     if chunks < 2:
         raise CantChunk(too_few)
     return chunks
@@ -439,7 +444,7 @@ def _chunk_count(config: MSTConfig, tokens: int, width: int, vocab: int, fp32_ac
 
 def rewrite(gm: GraphModule, region: Region, names: dict) -> None:
     plan: HeadPlan = region.plan
-    rows = symbolic_row_labels(region.chunks) if plan.symbolic else chunk_rows(plan.tokens, region.chunks)
+    rows = _symbolic_counts(plan, region.chunks) if plan.symbolic else chunk_rows(plan.tokens, region.chunks)
     rest, outs = _rest_module(gm, plan)
     if plan.mode == "forward":
         new = _emit_forward(gm, plan, rest, rows, names)
@@ -530,20 +535,23 @@ def _emit_forward(gm: GraphModule, plan: HeadPlan, rest: GraphModule, rows: list
         hd = cursor.method("detach", flat)
         wd = cursor.method("detach", plan.weight)
         whole_d = [cursor.method("detach", w) for w in whole]
-        parts = cursor.fn(torch.tensor_split, hd, len(rows))
-        tok_parts = [cursor.fn(torch.tensor_split, cursor.method("reshape", cursor.method("detach", t), (-1,)),
-                               len(rows)) for t in plan.per_token]
+        split, sizes, n_tokens, body_sizes = _splitter(g, cursor, plan, flat, len(rows))
+        parts = split(hd)
+        tok_parts = [split(cursor.method("reshape", cursor.method("detach", t), (-1,))) for t in plan.per_token]
         acc = None  # the weight gradient: the first chunk's product, then added into
         gh = cursor.fn(torch.empty_like, hd) if need_h else None
         bufs = [None if plan.drop_logits else
-                cursor.method("new_empty", hd, (plan.tokens, plan.vocab), dtype=zdtype) for _ in logits]
+                cursor.method("new_empty", hd, (n_tokens, plan.vocab), dtype=zdtype) for _ in logits]
         sums, whole_grads = [], [None] * len(grad_whole)
         start = 0
         for k, n in enumerate(rows):
-            attr, ident = _body_name(gm, plan, rest, names, n, "forward", need_h, need_w, grad_whole)
+            if plan.symbolic:
+                start = cursor.fn(operator.mul, sizes[0], k)
+            attr, ident = _body_name(gm, plan, rest, names, n, "forward", need_h, need_w, grad_whole,
+                                     len(body_sizes))
             piece = cursor.fn(operator.getitem, parts, k)
             toks = [cursor.fn(operator.getitem, p, k) for p in tok_parts]
-            call = cursor.fn(INVOKE, cursor.get_attr(attr), ident, piece, wd, *whole_d, *toks)
+            call = cursor.fn(INVOKE, cursor.get_attr(attr), ident, piece, wd, *whole_d, *toks, *body_sizes)
             n_out = 1 + need_h + need_w + len(grad_whole) + len(bufs)
             got = [cursor.fn(operator.getitem, call, i) for i in range(n_out)]  # body outputs
             sums.append(got.pop(0))
@@ -564,7 +572,8 @@ def _emit_forward(gm: GraphModule, plan: HeadPlan, rest: GraphModule, rows: list
                 lg = got.pop(0)
                 if b is not None:
                     cursor.fn(torch.ops.mst_fx.write_rows, b, start, lg)
-            start += n
+            if not plan.symbolic:
+                start += n
         total = cursor.method("sum", cursor.fn(torch.stack, sums))
         terms = []
         if need_h:
@@ -604,15 +613,7 @@ def _emit_recompute(gm: GraphModule, plan: HeadPlan, rest: GraphModule, rows: li
     with g.inserting_before(plan.after.next):
         cursor = _Cursor(g)
         flat = cursor.method("reshape", plan.data, (-1, plan.width))
-        if plan.symbolic:  # see mst_fx.chunking: no guard on n, sizes passed to the bodies
-            sizes = symbolic_rows(g, flat, len(rows))
-            split = lambda t: cursor.fn(torch.split, t, sizes)  # noqa: E731
-            n_tokens = cursor.method("size", flat, 0)
-            body_sizes = [cursor.method("size", plan.data, i) for i, d in enumerate(value(plan.data).shape[:-1])
-                          if not isinstance(d, int)]
-        else:
-            split = lambda t: cursor.fn(torch.tensor_split, t, len(rows))  # noqa: E731
-            n_tokens, body_sizes = plan.tokens, []
+        split, sizes, n_tokens, body_sizes = _splitter(g, cursor, plan, flat, len(rows))
         parts = split(flat)
         tok_parts = [split(cursor.method("reshape", t, (-1,))) for t in plan.per_token]
         logit_exits = [e for e in outs if e.kind == "logits"]
@@ -651,6 +652,18 @@ def _emit_recompute(gm: GraphModule, plan: HeadPlan, rest: GraphModule, rows: li
             else:
                 new[e.node] = _logits_value(cursor, plan, e, bufs[logit_exits.index(e)], flat)
     return [new[e.node] for e in plan.exits]
+
+
+def _splitter(g: Graph, cursor, plan: HeadPlan, flat: Node, chunks: int):
+    """How the loop cuts the tokens: (split function, row-count nodes or None, token count,
+    size nodes passed to every body). Symbolic token counts: see mst_fx.chunking (no guard
+    on n; the bodies take the symbolic sizes so that Inductor can bind their shapes)."""
+    if not plan.symbolic:
+        return (lambda t: cursor.fn(torch.tensor_split, t, chunks)), None, plan.tokens, []
+    sizes = symbolic_rows(g, flat, chunks)
+    body_sizes = [cursor.method("size", plan.data, i) for i, d in enumerate(value(plan.data).shape[:-1])
+                  if not isinstance(d, int)]
+    return (lambda t: cursor.fn(torch.split, t, sizes)), sizes, cursor.method("size", flat, 0), body_sizes
 
 
 def _mean(cursor, plan: HeadPlan, e: Exit, total: Node, zero: Node | None = None) -> Node:
@@ -716,7 +729,7 @@ def _body_name(gm: GraphModule, plan: HeadPlan, rest: GraphModule, names: dict, 
         i = len(names)
         attr, ident = f"mst_{KIND}_body_{i}", f"mst_{KIND}_{i}"
         if mode == "forward":
-            body = _grad_body(plan, rest, rows, need_h, need_w, grad_whole)
+            body = _grad_body(plan, rest, rows, need_h, need_w, grad_whole, n_sizes)
         else:
             n_in = 1 + len(plan.proj_inputs()) + len(whole) + len(plan.per_token) + n_sizes
             body = _checkpointed(_full_body(gm, plan, rest, n_sizes), n_in, len(plan.exits))
@@ -751,16 +764,21 @@ def _full_body(owner: GraphModule, plan: HeadPlan, rest: GraphModule, n_sizes: i
     return GraphModule(root, g)
 
 
-def _grad_body(plan: HeadPlan, rest: GraphModule, rows: int, need_h: bool, need_w: bool,
-               grad_whole: list[int]) -> GraphModule:
-    """make_fx graph of one chunk's loss and gradients (see the module docstring)."""
+def _grad_body(plan: HeadPlan, rest: GraphModule, rows, need_h: bool, need_w: bool,
+               grad_whole: list[int], n_sizes: int = 0) -> GraphModule:
+    """make_fx graph of one chunk's loss and gradients (see the module docstring). ``rows``:
+    the chunk's row count; when symbolic, the body is traced at that count in the graph's
+    own shape environment, and takes ``n_sizes`` unused size inputs last (see
+    mst_fx.chunking.build_body)."""
     from torch.fx.experimental.proxy_tensor import make_fx
 
     whole = _whole_inputs(plan)
     n_logits = sum(e.kind == "logits" for e in plan.exits)
     matmul = plan.matmul
+    n_others = len(whole) + len(plan.per_token)
 
-    def body(h, w, *others):
+    def body(h, w, *rest_inputs):
+        others = rest_inputs[:n_others]
         z = _project(h, w, matmul)
         with torch.enable_grad():
             zz = z.detach().requires_grad_(need_h or need_w)
@@ -794,5 +812,14 @@ def _grad_body(plan: HeadPlan, rest: GraphModule, rows: int, need_h: bool, need_
         for t in plan.per_token:
             v = value(t)
             examples.append(torch.empty((rows,), dtype=v.dtype, device=v.device))
-        gm = make_fx(body)(*examples)
+        examples += [d for d in dv.shape[:-1] if not isinstance(d, int)][:n_sizes]
+        gm = make_fx(body, tracing_mode="symbolic" if plan.symbolic else "real")(*examples)
     return gm
+
+
+def _symbolic_counts(plan: HeadPlan, chunks: int) -> list:
+    """symbolic_rows' row counts as SymInts of the graph's token count (M-1 of n // M, then
+    the rest): a chunk body's shape, and in its name, two bodies per head as for static n."""
+    n = numel(tuple(value(plan.data).shape[:-1]))
+    q = n // chunks
+    return [q] * (chunks - 1) + [n - q * (chunks - 1)]

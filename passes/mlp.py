@@ -138,8 +138,8 @@ def _plan(data: Node, starts: list[Projection], units: dict[Node, Projection],
         if not same_size(width, starts[0].in_width):
             raise CantChunk("symbolic feature width")
         width = starts[0].in_width
-    # With dynamic shapes the token count is symbolic: the chunk count is chosen from the
-    # length Dynamo traced with and serves every length this graph runs at.
+    # With dynamic shapes the token count is symbolic: one chunk count serves every length
+    # this graph runs at, planned for long ones (chunking.bounded_chunks).
     symbolic = not isinstance(token_count, int)
     tokens = hint(token_count)
 
@@ -154,7 +154,7 @@ def _plan(data: Node, starts: list[Projection], units: dict[Node, Projection],
     widths = [p.out_width for p in starts]
     itemsize = max(value(n).element_size() for n in nodes if value(n) is not None)
     held = tokens * sum(widths) * itemsize  # what plain compile keeps for backward, about
-    chunks = _chunk_count(config, tokens, sum(widths), width, held, _weight_bytes(nodes))
+    chunks = _chunk_count(config, tokens, sum(widths), width, held, _weight_bytes(nodes), symbolic)
     nodes.sort(key=order.__getitem__)
     if nodes[-1] is not end:
         raise CantChunk(f"{op_name(end)} is not the block's last node")
@@ -283,15 +283,15 @@ def _weight_bytes(nodes: list[Node]) -> int:
 
 
 def _chunk_count(config: MSTConfig, tokens: int, expanded: int, width: int, held: int,
-                 weights: int) -> int:
-    if config.chunk_bytes is not None:
-        natural = math.ceil(held / config.chunk_bytes)
+                 weights: int, symbolic: bool = False) -> int:
+    if config.chunk_bytes is not None:  # scales with the tokens: a symbolic graph plans for long ones
+        natural = config.max_chunks if symbolic else math.ceil(held / config.chunk_bytes)
     else:  # MsT: a chunk's intermediates about the size of the block's input
         natural = math.ceil(expanded / width)
-    chunks, too_few = bounded_chunks(config, tokens, natural)
+    chunks, too_few = bounded_chunks(config, tokens, natural, symbolic)
     if chunks < 2:
         raise CantChunk(too_few)
-    if config.chunks is not None:
+    if config.chunks is not None or symbolic:  # a symbolic graph also serves long lengths
         return chunks
     # Each chunk's backward makes its own partial gradient of every weight, so chunking
     # costs about the block's weight bytes; below that it saves nothing (H100, Llama-3-8B
