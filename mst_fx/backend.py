@@ -125,6 +125,7 @@ class MSTBackend:
             log.warning("mst_fx: rewrite failed, compiling the graph unchanged: %r", e)
             engine.restore(saved)
             report = engine_failure(gm, self.config, f"rewrite failed: {e!r}")
+        report.symbols = symbols_of(example_inputs)
         self.reports.append(report)
         applied = [r for r in report.regions if r.applied]
         # Patches even without a rewrite: their uuid keeps the artifacts compiled with our
@@ -156,6 +157,8 @@ class MSTBackend:
             return plain(gm, example_inputs)
         for r in applied:
             counters["mst_fx"][r.kind] += 1
+            if report.symbols:  # the rewrites of graphs that serve every length
+                counters["mst_fx_symbolic"][r.kind] += 1
         log.debug("mst_fx: %s", report)
         return guard_logits(compiled, logits_outputs(gm))
 
@@ -166,6 +169,19 @@ class MSTBackend:
         for r in self.reports:
             total.extend(r)
         return total
+
+
+def symbols_of(example_inputs) -> list[str]:
+    """The symbols of a graph's symbolic sizes (Dynamo's SymInt inputs and tensor dims)."""
+    found: list[str] = []
+    for x in example_inputs:
+        sizes = [x] if isinstance(x, torch.SymInt) else list(x.shape) if isinstance(x, torch.Tensor) else []
+        for s in sizes:
+            if isinstance(s, torch.SymInt):
+                for sym in sorted(map(str, s.node.expr.free_symbols)):
+                    if sym not in found:
+                        found.append(sym)
+    return found
 
 
 def logits_outputs(gm: torch.fx.GraphModule) -> list[int]:

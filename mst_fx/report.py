@@ -42,15 +42,22 @@ class Skipped:
 
 @dataclass
 class Report:
+    """Regions and skips of one graph (or of several, extended). ``symbols``: the symbolic
+    sizes the graph was compiled for (dynamic shapes: a graph that serves every length),
+    empty for a static graph."""
+
     regions: list[Region] = field(default_factory=list)
     skipped: list[Skipped] = field(default_factory=list)
+    symbols: list[str] = field(default_factory=list)
 
     def extend(self, other: "Report") -> None:
         self.regions.extend(other.regions)
         self.skipped.extend(other.skipped)
+        self.symbols.extend(s for s in other.symbols if s not in self.symbols)
 
     def __str__(self) -> str:
-        lines = [f"mst_fx: {len(self.regions)} region(s) to chunk, {len(self.skipped)} skipped"]
+        sym = f" (symbolic sizes {', '.join(self.symbols)})" if self.symbols else ""
+        lines = [f"mst_fx: {len(self.regions)} region(s) to chunk, {len(self.skipped)} skipped{sym}"]
         if self.regions:
             rows = [("kind", "where", "tokens", "chunks", "est. saved", "shapes")]
             rows += [(r.kind, r.where, str(r.tokens), str(r.chunks) if r.chunks else "-",
