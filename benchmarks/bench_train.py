@@ -31,12 +31,21 @@ the same inputs. Per method: the longest sequence that fits in --capacity-gb, fr
 through its two longest runs (peak vs tokens); --check runs one method at that length
 (warm-up and one timed step).
 
+--varying N is what a real run gets instead: one process, torch.compile's default
+dynamic=None, N steps whose lengths are drawn uniformly (seeded, multiples of 256) between
+the smallest and largest --tokens, the largest last. The first length compiles a static
+graph, the second one graph with a symbolic length that serves every later length. Each
+step runs twice at its length (the first run may compile), the second timed alone, with
+its peak; rows of kind "varying" with the step, the graphs compiled so far and, for mst,
+the rewrites of the graph that ran. Compare with a sweep (kind "sweep") at the same length.
+
 Writes results_train_<preset>.csv and train_<preset>.png (peak memory and tokens/s vs
 length, one line per method) under --out; --plot CSV... redraws both from earlier runs.
 
     python benchmarks/bench_train.py --preset llama-3.2-1b
     python benchmarks/bench_train.py --methods mst_gc --tokens 131072 262144 --check mst_gc
     python benchmarks/bench_train.py --plot a/results_train_llama-3.2-1b.csv b/results_train_llama-3.2-1b.csv
+    python benchmarks/bench_train.py --methods mst_gc liger_gc --tokens 8192 65536 --varying 12
     python benchmarks/bench_train.py --quick       # CPU, tiny model, eager kernels: checks the script
 """
 
@@ -75,7 +84,7 @@ PRESETS = {
                            num_key_value_heads=2, vocab_size=1024, tie_word_embeddings=True)),
 }
 FIELDS = ["method", "tokens", "ms", "tokens_per_s", "peak_gb", "loss", "loss_diff_vs_compile", "rewrites",
-          "note", "kind"]
+          "note", "kind", "step", "graphs"]
 
 
 def build(preset: str, method: str, device: str, layers: int | None):
@@ -208,6 +217,61 @@ def run_method(method: str, preset: str, lengths: list[int], iters: int, adamw: 
             torch.cuda.empty_cache()
 
 
+def varying_lengths(lo: int, hi: int, steps: int, seed: int = 0) -> list[int]:
+    """``steps`` lengths drawn uniformly in [lo, hi] in multiples of 256 (of 32 below 256
+    tokens: --quick), the last one hi."""
+    unit = 256 if lo >= 256 else 32
+    g = torch.Generator().manual_seed(seed)
+    drawn = torch.randint(lo // unit, hi // unit + 1, (steps - 1,), generator=g) * unit
+    return [int(t) for t in drawn] + [hi]
+
+
+def run_varying(method: str, preset: str, lengths: list[int], quick: bool, layers: int | None,
+                logits: str = "drop", mst: dict | None = None) -> None:
+    """Child process: the steps of --varying, one ``RESULT {json}`` line each, in one
+    process with torch.compile's defaults (no Dynamo reset, automatic dynamic shapes)."""
+    from torch._dynamo.utils import counters
+
+    device = "cpu" if quick else "cuda"
+    model = build(preset, method, device, layers)
+    f, backend = loss_fn(model, method, quick, logits, mst)
+    vocab = model.config.vocab_size
+    for i, tokens in enumerate(lengths):
+        g = torch.Generator().manual_seed(tokens)
+        ids = torch.randint(0, vocab, (1, tokens), generator=g).to(device)
+        batch = {"input_ids": ids, "labels": ids, "use_cache": False}
+        losses = []
+
+        def step():
+            model.zero_grad(set_to_none=True)
+            loss = f(batch)
+            loss.backward()
+            losses.append(loss.item())
+
+        row = {"method": method, "tokens": tokens, "kind": "varying", "step": i}
+        try:
+            step()  # may compile (first and second lengths)
+            if device == "cuda":
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+            ms = median_ms(step, 1, device)
+            peak = torch.cuda.max_memory_allocated() if device == "cuda" else peak_bytes(step, device)
+        except torch.OutOfMemoryError:
+            print("RESULT " + json.dumps({**row, "note": "OOM"}), flush=True)
+            return
+        if backend is not None:
+            last = backend.reports[-1]
+            kinds = [r.kind for r in last.regions if r.applied]
+            row["rewrites"] = (", ".join(f"{k} x{kinds.count(k)}" for k in sorted(set(kinds))) or "none") \
+                + ("; symbolic graph" if last.symbols else "; static graph")
+        row.update(ms=round(ms, 1), tokens_per_s=round(tokens / ms * 1e3), peak_gb=round(peak / 1e9, 3),
+                   loss=round(losses[0], 5), graphs=counters["stats"]["unique_graphs"])
+        print("RESULT " + json.dumps(row), flush=True)
+        batch = ids = None
+        if device == "cuda":
+            torch.cuda.empty_cache()
+
+
 def longest(rows: list[dict], method: str, capacity_gb: float) -> int | None:
     """Tokens where the line through the method's two longest runs reaches capacity_gb."""
     ran = sorted((r["tokens"], r["peak_gb"]) for r in rows
@@ -264,7 +328,8 @@ def plot(rows: list[dict], path: str, title: str, capacity_gb: float) -> bool:
 
 def report(rows: list[dict], out: str, preset: str, capacity_gb: float, title: str) -> None:
     add_loss_diffs(rows)
-    rows = sorted(rows, key=lambda r: (METHODS.index(r["method"]), r["tokens"], r.get("kind", "")))
+    rows = sorted(rows, key=lambda r: (METHODS.index(r["method"]), r.get("kind", ""),
+                                       r["step"] if r.get("kind") == "varying" else r["tokens"]))
     os.makedirs(out, exist_ok=True)
     path = os.path.join(out, f"results_train_{preset}.csv")
     write_csv([{k: r.get(k, "") for k in FIELDS} for r in rows], path)
@@ -274,7 +339,8 @@ def report(rows: list[dict], out: str, preset: str, capacity_gb: float, title: s
     for r in rows:
         print(f"{r['method']:<21} {r['tokens']:>7} {str(r.get('ms', '')):>9} {str(r.get('tokens_per_s', '')):>7} "
               f"{str(r.get('peak_gb', '')):>8} {str(r.get('loss', '')):>8} {str(r.get('loss_diff_vs_compile', '')):>10}  "
-              f"{r.get('kind') if r.get('kind') == 'check' else ''} {r.get('note') or ''} {r.get('rewrites') or ''}")
+              f"{r.get('kind') if r.get('kind') == 'check' else ''} {r.get('note') or ''} {r.get('rewrites') or ''}"
+              + (f" (step {r['step']}, {r.get('graphs')} graphs)" if r.get("kind") == "varying" else ""))
     print(f"\nlongest sequence within {capacity_gb} GB (line through the two longest runs):")
     for method in METHODS:
         if any(r["method"] == method for r in rows):
@@ -320,12 +386,14 @@ def main() -> None:
     p.add_argument("--mst", nargs="*", default=[], metavar="FIELD=VALUE",
                    help="other MSTConfig fields for the mst methods (Python literals)")
     p.add_argument("--out", default=os.environ.get("OUT", "."))
+    p.add_argument("--varying", type=int, metavar="N",
+                   help="N steps of lengths between the smallest and largest --tokens in one process")
     p.add_argument("--quick", action="store_true", help="CPU, tiny model, 128 and 256 tokens, 1 step")
     p.add_argument("--plot", nargs="+", metavar="CSV", help="table and plot from earlier runs' CSVs")
     p.add_argument("--one", metavar="METHOD", help=argparse.SUPPRESS)
     args = p.parse_args()
     preset = "tiny" if args.quick else args.preset
-    if args.quick:
+    if args.quick and not args.one:  # a child gets its lengths from the parent
         args.tokens, args.iters = [128, 256], 1
     title = f"{preset}{f' ({args.layers} layers)' if args.layers else ''}, {'fp32, CPU' if args.quick else 'bf16'}, " \
             f"batch 1, fwd+bwd" \
@@ -333,21 +401,25 @@ def main() -> None:
     if args.plot:
         report(read_csv(args.plot), args.out, preset, args.capacity_gb, title)
         return
+    if args.one and args.varying:
+        run_varying(args.one, preset, args.tokens, args.quick, args.layers, args.mst_logits, mst_fields(args.mst))
+        return
     if args.one:
         mst = mst_fields(args.mst)
         run_method(args.one, preset, args.tokens, args.iters, args.adamw, args.quick, args.layers,
                    args.mst_logits, mst)
         return
 
-    def child(method: str, tokens: list[int], iters: int = args.iters) -> list[dict]:
+    def child(method: str, tokens: list[int], iters: int = args.iters, varying: bool = False) -> list[dict]:
         cmd = [sys.executable, os.path.abspath(__file__), "--one", method, "--tokens", *map(str, tokens),
                "--iters", str(iters)] + (["--quick"] if args.quick else []) + \
+              (["--varying", "1"] if varying else []) + \
               (["--adamw"] if args.adamw else []) + (["--layers", str(args.layers)] if args.layers else []) + \
               (["--preset", args.preset] if not args.quick else []) + ["--mst-logits", args.mst_logits] + \
               (["--mst", *args.mst] if args.mst else [])
         got, error = run_rows(cmd)
         done = {r["tokens"] for r in got}
-        missing = [t for t in sorted(tokens) if t not in done]
+        missing = [t for t in (tokens if varying else sorted(tokens)) if t not in done]
         if error and missing and not any(r.get("note") == "OOM" for r in got):
             got.append({"method": method, "tokens": missing[0], "kind": "sweep", "note": error})
         for r in got:
@@ -355,6 +427,12 @@ def main() -> None:
         return got
 
     rows = []
+    if args.varying:
+        lengths = varying_lengths(min(args.tokens), max(args.tokens), args.varying)
+        for method in args.methods:
+            rows += child(method, lengths, varying=True)
+        report(rows, args.out, preset, args.capacity_gb, title)
+        return
     for method in args.methods:
         rows += child(method, args.tokens)
     for method in args.check:
