@@ -110,3 +110,109 @@ def test_accelerate_loop_with_compiled_model_equals_eager():
     got = run(True)
     assert counters["mst_fx"]["mlp"] == 2 and counters["mst_fx"]["lm_head"] == 1, dict(counters["mst_fx"])
     torch.testing.assert_close(got, run(False), rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------
+# Real runs: varying lengths in one process (torch.compile's default dynamic=None).
+# ---------------------------------------------------------------------------------------
+
+def _llama(layers=2):
+    torch.manual_seed(0)
+    return transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=VOCAB, hidden_size=64, num_hidden_layers=layers, num_attention_heads=4,
+        num_key_value_heads=2, intermediate_size=176))
+
+
+def _varying_rows(n, lo, hi, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(2, VOCAB, (int(torch.randint(lo, hi + 1, (1,), generator=g)),), generator=g)
+            for _ in range(n)]
+
+
+class Varying(torch.utils.data.Dataset):
+    def __init__(self, rows):
+        self.rows = rows
+
+    def __len__(self):
+        return len(self.rows)
+
+    def __getitem__(self, i):
+        return {"input_ids": self.rows[i], "labels": self.rows[i]}
+
+
+def _by_graph(backend):
+    """Applied rewrites of the static graphs and of the symbolic ones, and their skips."""
+    out = {}
+    for symbolic in (False, True):
+        reports = [r for r in backend.reports if bool(r.symbols) == symbolic]
+        out[symbolic] = (sorted((x.kind, x.where) for r in reports for x in r.regions if x.applied),
+                         sorted(x.reason for r in reports for x in r.skipped if "min_chunk_tokens" not in x.reason))
+    return out
+
+
+def test_trainer_on_varying_lengths_compiles_twice_and_keeps_every_rewrite(tmp_path):
+    """HF Trainer, one sequence a step of 300 to 700 tokens (the README recipe: the model
+    compiled with the backend, handed to Trainer): losses equal eager Trainer's, two graphs
+    (the first length static, then a symbolic one), every rewrite of the static graph also
+    on the symbolic one."""
+    rows = _varying_rows(6, 300, 700)
+
+    def train(model, out):
+        args = transformers.TrainingArguments(
+            output_dir=str(out), use_cpu=True, max_steps=len(rows), per_device_train_batch_size=1,
+            learning_rate=1e-3, logging_steps=1, report_to=[], save_strategy="no", seed=0,
+            dataloader_num_workers=0, disable_tqdm=True, remove_unused_columns=False)
+        trainer = transformers.Trainer(model=model, args=args, train_dataset=Varying(rows))
+        trainer.train()
+        return [h["loss"] for h in trainer.state.log_history if "loss" in h]
+
+    torch._dynamo.reset()
+    ref = train(_llama(), tmp_path / "ref")
+    torch._dynamo.reset()
+    counters.clear()
+    backend = mst_fx.make_backend(min_chunk_tokens=128, logits="drop")
+    got = train(torch.compile(_llama(), backend=backend), tmp_path / "mst")
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+    assert counters["stats"]["unique_graphs"] == 2, dict(counters["stats"])
+    graphs = _by_graph(backend)
+    assert graphs[True] == graphs[False], "\n".join(map(str, backend.reports))
+    assert {"mlp", "lm_head"} <= {k for k, _ in graphs[True][0]}, graphs
+
+
+def test_sft_trainer_padding_free_on_varying_lengths(tmp_path):
+    """TRL's SFTTrainer with padding_free=True (documents of varying lengths packed into one
+    row, position ids restarting at each, no attention mask): losses equal the uncompiled
+    run. The MLPs are chunked on the static and the symbolic graph; TRL (1.x) replaces the
+    vocabulary projection with its own chunked log-probabilities, which break the graph,
+    so there is no head to rewrite; the packed-documents mask is kept on CPU (flex_attention
+    is CUDA-only by default) and says so."""
+    trl = pytest.importorskip("trl")
+    datasets = pytest.importorskip("datasets")
+    from tokenizers import Tokenizer, models
+
+    vocab = {f"t{i}": i for i in range(VOCAB)}
+    tok = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="t0")), pad_token="t0", eos_token="t1")
+    data = datasets.Dataset.from_dict({"input_ids": [r.tolist() for r in _varying_rows(6, 150, 350)]})
+
+    def train(model, out):
+        args = trl.SFTConfig(output_dir=str(out), use_cpu=True, max_steps=3, per_device_train_batch_size=2,
+                             padding_free=True, learning_rate=1e-3, logging_steps=1, report_to=[],
+                             save_strategy="no", seed=0, dataloader_num_workers=0, disable_tqdm=True,
+                             max_length=None)
+        trainer = trl.SFTTrainer(model=model, args=args, train_dataset=data, processing_class=tok)
+        trainer.train()
+        return [h["loss"] for h in trainer.state.log_history if "loss" in h]
+
+    torch._dynamo.reset()
+    ref = train(_llama(), tmp_path / "ref")
+    torch._dynamo.reset()
+    counters.clear()
+    backend = mst_fx.make_backend(min_chunk_tokens=128, logits="drop")
+    model = _llama()
+    model.compile(backend=backend)  # in place: SFTTrainer patches the model's own head
+    got = train(model, tmp_path / "mst")
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+    assert counters["mst_fx_symbolic"]["mlp"] == 2 and counters["mst_fx"]["mlp"] == 4, dict(counters["mst_fx"])
+    skips = [s.reason for r in backend.reports for s in r.skipped if s.kind == "attention"]
+    assert skips and all("flex_attention='cuda'" in s for s in skips), skips

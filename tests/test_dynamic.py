@@ -1,6 +1,7 @@
 """Varying lengths: with symbolic token counts (dynamic=True, mark_dynamic, or the default's
-recompile after a second length) the MLP blocks are still chunked, exact at every length,
-without a recompile per length; inference and evaluation compile and are exact."""
+recompile after a second length) every pass still applies (MLP and head chunked, attention
+masks dropped or turned into flex_attention), exact at every length, without a recompile
+per length; inference and evaluation compile and are exact."""
 
 import copy
 
@@ -70,37 +71,126 @@ def test_symbolic_tokens_under_checkpointing():
     assert all(r.applied and r.detail.endswith("symbolic tokens") for r in backend.report.regions)
 
 
+# Attention masks at a symbolic length: proofs that hold for every length, block masks built
+# at run time for the current one. Flex rewrites run through aot_eager_compiler on CPU (see
+# test_attention.py); the causal ones through Inductor.
+from test_attention import (Attention, causal_2d, causal_hf, documents, padding,  # noqa: E402
+                            prefix_lm, window)
+
+FLEX = mst_fx.MSTConfig(passes=("attention",), flex_attention="all")
+MASKS = [
+    (causal_hf, None, "causal: mask dropped"), (causal_2d, None, "causal: mask dropped"),
+    (window, None, "flex: q - kv >= 0 and q - kv <= 4 (sliding window)"),
+    (prefix_lm, None, "flex: a condition on q or kv alone"),
+    (documents, lambda S: [torch.arange(S) // 7], "flex: l_extra_0_ depends on the graph's inputs"),
+    (padding, lambda S: [torch.arange(S)[None, :] >= torch.tensor([[3], [0]])], "flex: getitem"),
+]
+
+
+@pytest.mark.parametrize("build,extra,detail", MASKS, ids=[m[0].__name__ for m in MASKS])
+def test_symbolic_masks_are_rewritten_for_every_length(build, extra, detail):
+    from mst_fx.backend import aot_eager_compiler
+
+    eager = Attention(build)
+    model = copy.deepcopy(eager)
+    causal = detail.startswith("causal")
+    backend = mst_fx.make_backend(FLEX, compiler=None if causal else aot_eager_compiler)
+    compiled = torch.compile(model, backend=backend, dynamic=True)
+    for S in (24, 37, 50):
+        x = torch.randn(2, S, 16)
+        more = extra(S) if extra else []
+        a, b = x.clone().requires_grad_(), x.clone().requires_grad_()
+        got, ref = compiled(a, *more), eager(b, *more)
+        got.square().sum().backward()
+        ref.square().sum().backward()
+        torch.testing.assert_close(got, ref, **TOL[torch.float32])
+        torch.testing.assert_close(a.grad, b.grad, **TOL[torch.float32])
+        for (name, p), q in zip(model.named_parameters(), eager.parameters()):
+            torch.testing.assert_close(p.grad, q.grad, **TOL[torch.float32], msg=lambda m: f"{S} {name}: {m}")
+        model.zero_grad(set_to_none=True)
+        eager.zero_grad(set_to_none=True)
+    assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
+    (region,) = backend.report.regions
+    assert region.applied and region.detail.startswith(detail) and region.detail.endswith("symbolic tokens"), \
+        region.detail
+    assert counters["mst_fx_symbolic"]["attention"] == 1
+
+
+def test_symbolic_size_inside_a_mask_is_left_with_a_reason():
+    """A mask that compares an index with the length itself (kv < S) would need the symbol
+    inside the mask_mod: left as it is, with the reason, and still exact."""
+    from test_attention import always_true
+
+    backend = mst_fx.make_backend(FLEX)
+    model = Attention(always_true)
+    compiled = torch.compile(copy.deepcopy(model), backend=backend, dynamic=True)
+    x = torch.randn(2, 30, 16)
+    torch.testing.assert_close(compiled(x), model(x), **TOL[torch.float32])
+    (skip,) = backend.report.skipped
+    assert "symbolic size" in skip.reason and not backend.report.regions, skip.reason
+
+
 transformers = pytest.importorskip("transformers")
 
 
-def test_hf_llama_twenty_random_lengths_compile_twice():
-    """The default dynamic=None: one static compile, then one with a symbolic length (the
-    MLPs and the head chunked there too, the head in recompute mode); 20 steps of random
-    lengths, losses and gradients equal eager."""
+def _random_length_steps(model, eager, steps):
+    g = torch.Generator().manual_seed(0)
+    for _ in range(steps):
+        ids = torch.randint(0, 512, (1, int(torch.randint(1000, 4097, (1,), generator=g))), generator=g)
+        got = model(input_ids=ids, labels=ids).loss
+        got.backward()
+        if eager is not None:
+            ref = eager(input_ids=ids, labels=ids).loss
+            ref.backward()
+            torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+            for (name, p), q in zip(model.named_parameters(), eager.parameters()):
+                torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-5, msg=lambda m: f"{name}: {m}")
+            eager.zero_grad(set_to_none=True)
+        model.zero_grad(set_to_none=True)
+
+
+def _llama(checkpointing):
     torch.manual_seed(0)
-    eager = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
         vocab_size=512, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, intermediate_size=176)).train()
+    if checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model
+
+
+@pytest.mark.parametrize("checkpointing", [False, True], ids=["plain", "gc"])
+def test_hf_llama_random_lengths_compile_twice_with_every_pass(checkpointing):
+    """The default dynamic=None: one static compile, then one with a symbolic length, which
+    gets every rewrite the static graph got (the head in its forward mode too); steps of
+    random lengths, losses and gradients equal eager. With gradient checkpointing,
+    transformers (5.2x) breaks the graph at its checkpointed layers: each frame then
+    compiles twice, as many graphs as plain torch.compile makes."""
+    steps = 6 if checkpointing else 20
+    eager = _llama(checkpointing)
     model = copy.deepcopy(eager)
     backend = mst_fx.make_backend(min_chunk_tokens=256)
-    counters.clear()
     torch._dynamo.reset()
-    compiled = torch.compile(model, backend=backend)
-    g = torch.Generator().manual_seed(0)
-    for _ in range(20):
-        ids = torch.randint(0, 512, (1, int(torch.randint(1000, 4097, (1,), generator=g))), generator=g)
-        got, ref = compiled(input_ids=ids, labels=ids).loss, eager(input_ids=ids, labels=ids).loss
-        got.backward()
-        ref.backward()
-        torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
-        for (name, p), q in zip(model.named_parameters(), eager.parameters()):
-            torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-5, msg=lambda m: f"{name}: {m}")
-        model.zero_grad(set_to_none=True)
-        eager.zero_grad(set_to_none=True)
-    assert counters["stats"]["unique_graphs"] <= 2, dict(counters["stats"])
-    symbolic = [r for r in backend.report.regions if r.detail.endswith("symbolic tokens")]
-    assert sorted(r.kind for r in symbolic) == ["lm_head", "mlp", "mlp"], str(backend.report)
-    assert all(r.applied for r in symbolic) and "grad=recompute" in symbolic[-1].detail
+    counters.clear()
+    _random_length_steps(torch.compile(model, backend=backend), eager, steps)
+    graphs = counters["stats"]["unique_graphs"]
+    if checkpointing:
+        torch._dynamo.reset()
+        counters.clear()
+        _random_length_steps(torch.compile(copy.deepcopy(eager)), None, steps)
+        assert graphs == counters["stats"]["unique_graphs"], (graphs, dict(counters["stats"]))
+    else:
+        assert graphs == 2, graphs
+    static = [r for r in backend.reports if not r.symbols]
+    symbolic = [r for r in backend.reports if r.symbols]
+    assert len(static) == len(symbolic), [str(r) for r in backend.reports]
+    kinds = lambda rs: sorted((x.kind, x.where) for r in rs for x in r.regions if x.applied)  # noqa: E731
+    reasons = lambda rs: sorted(x.reason for r in rs for x in r.skipped)  # noqa: E731
+    assert kinds(symbolic) == kinds(static) and reasons(symbolic) == reasons(static), \
+        "\n".join(map(str, backend.reports))
+    assert {"lm_head", "mlp"} <= {k for k, _ in kinds(symbolic)}
+    head = next(x for r in symbolic for x in r.regions if x.kind == "lm_head")
+    assert "grad=forward" in head.detail and head.detail.endswith("symbolic tokens"), head.detail
 
 
 @pytest.mark.parametrize("how", ["no_grad", "eval"])
@@ -117,3 +207,32 @@ def test_inference_and_evaluation_are_exact(how):
         got = compiled(input_ids=ids, labels=ids)
     torch.testing.assert_close(got.logits, ref.logits, **TOL[torch.float32])
     torch.testing.assert_close(got.loss, ref.loss, **TOL[torch.float32])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("family,case", [("llama", "packed"), ("mistral", "none"), ("llama", "single")])
+def test_symbolic_flex_and_causal_on_gpu(family, case):
+    """The default dynamic=None through Inductor's kernels on a GPU, fp32: the second length
+    compiles a symbolic graph whose attention is still rewritten (flex block masks built at
+    run time, or is_causal), exact at every length."""
+    from test_attention import hf_inputs, hf_model
+
+    eager = hf_model(family).cuda()
+    model = copy.deepcopy(eager)
+    backend = mst_fx.make_backend(passes=("attention",))
+    compiled = torch.compile(model, backend=backend)
+    for S in (200, 264, 333):
+        ids, kwargs = hf_inputs(case, S=S)
+        kwargs = {k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
+        got, ref = compiled(ids.cuda(), **kwargs).loss, eager(ids.cuda(), **kwargs).loss
+        got.backward()
+        ref.backward()
+        torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
+        for (name, p), q in zip(model.named_parameters(), eager.parameters()):
+            torch.testing.assert_close(p.grad, q.grad, rtol=1e-3, atol=1e-4, msg=lambda m: f"{S} {name}: {m}")
+        model.zero_grad(set_to_none=True)
+        eager.zero_grad(set_to_none=True)
+    symbolic = [r for r in backend.reports if r.symbols]
+    assert len(backend.reports) == 2 and len(symbolic) == 1, [str(r) for r in backend.reports]
+    assert len([r for r in symbolic[0].regions if r.applied]) == 2, str(symbolic[0])
