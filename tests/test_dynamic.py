@@ -236,3 +236,47 @@ def test_symbolic_flex_and_causal_on_gpu(family, case):
     symbolic = [r for r in backend.reports if r.symbols]
     assert len(backend.reports) == 2 and len(symbolic) == 1, [str(r) for r in backend.reports]
     assert len([r for r in symbolic[0].regions if r.applied]) == 2, str(symbolic[0])
+
+
+def _hf_positions(S):  # transformers 5.2x: positions, then packed-sequence ids from them
+    pos = (torch.arange(S) + 0).unsqueeze(0)
+    first = pos[:, :1] - 1
+    return pos, (torch.diff(pos, prepend=first, dim=-1) != 1).cumsum(-1)
+
+
+def _steps(S):
+    return torch.arange(2, S + 2).unsqueeze(0).expand(3, -1) * 1, (torch.arange(S) * 0 + 1).cumsum(-1)
+
+
+@pytest.mark.parametrize("build", [_hf_positions, _steps])
+def test_sequence_values_hold_at_every_length(build):
+    """sequence_value reads buffers of a symbolic length as functions of the token index;
+    what it says must be what the graph computes, at lengths other than the traced one."""
+    from torch.fx import Interpreter
+
+    from mst_fx.masks import sequence_value
+
+    graphs = []
+
+    def capture(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch.compile(build, backend=capture, dynamic=True, fullgraph=True)(17)
+    (gm,) = graphs
+    outs = next(n for n in gm.graph.nodes if n.op == "output").args[0]
+    seqs = [sequence_value(n) for n in outs]
+    assert all(s is not None for s in seqs), seqs
+    torch.compile(lambda S: torch.arange(S) >= 5, backend=capture, dynamic=True, fullgraph=True)(17)
+    step = next(n for n in graphs[1].graph.nodes if n.op == "output").args[0][0]
+    assert sequence_value(step) is None  # a step inside the sequence: not an affine function
+    for S in (5, 40):
+        class Run(Interpreter):
+            def placeholder(self, target, args, kwargs):
+                return S  # the only input: the length
+
+        values = Run(gm).run(S)
+        for seq, got in zip(seqs, values):
+            i = torch.arange(S)
+            want = torch.where(i == 0, torch.tensor(int(seq.first)), seq.a * i + int(seq.k))
+            assert torch.equal(got.reshape(-1, S), want.expand_as(got.reshape(-1, S)).to(got.dtype)), (S, seq, got)
