@@ -193,6 +193,54 @@ def test_hf_llama_random_lengths_compile_twice_with_every_pass(checkpointing):
     assert "grad=forward" in head.detail and head.detail.endswith("symbolic tokens"), head.detail
 
 
+def _qwen3():
+    return transformers.Qwen3ForCausalLM(transformers.Qwen3Config(
+        vocab_size=512, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        intermediate_size=176, head_dim=16))
+
+
+def _gemma3():  # a sliding-window layer and a global one
+    config = transformers.Gemma3TextConfig(
+        vocab_size=512, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        intermediate_size=176, head_dim=16, sliding_window=64, layer_types=["sliding_attention", "full_attention"])
+    config._attn_implementation = "sdpa"
+    return transformers.Gemma3ForCausalLM(config)
+
+
+@pytest.mark.parametrize("build", [_qwen3, _gemma3], ids=["qwen3", "gemma3"])
+def test_qwen3_and_gemma3_random_lengths_compile_twice(build):
+    """Lengths of 400 to 1100 tokens, one sequence a step: two graphs, each with every pass
+    (Gemma 3's sliding-window mask as flex_attention on the symbolic graph too), losses and
+    gradients equal eager. Through AOTAutograd with eager kernels: Inductor's C++ backend
+    itself guards on a reduction size (s <= 1024, cpp.py need_use_acc_helper) and compiles
+    a third graph under plain torch.compile as well; its GPU backend does not."""
+    from mst_fx.backend import aot_eager_compiler
+
+    torch.manual_seed(0)
+    eager = build().train()
+    model = copy.deepcopy(eager)
+    backend = mst_fx.make_backend(min_chunk_tokens=64, flex_attention="all", compiler=aot_eager_compiler)
+    compiled = torch.compile(model, backend=backend)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(5):
+        ids = torch.randint(0, 512, (1, int(torch.randint(400, 1101, (1,), generator=g))), generator=g)
+        got, ref = compiled(input_ids=ids, labels=ids).loss, eager(input_ids=ids, labels=ids).loss
+        got.backward()
+        ref.backward()
+        torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+        for (name, p), q in zip(model.named_parameters(), eager.parameters()):
+            torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-5, msg=lambda m: f"{name}: {m}")
+        model.zero_grad(set_to_none=True)
+        eager.zero_grad(set_to_none=True)
+    assert counters["stats"]["unique_graphs"] == 2, dict(counters["stats"])
+    static, symbolic = backend.reports
+    kinds = lambda r: sorted((x.kind, x.where) for x in r.regions if x.applied)  # noqa: E731
+    assert symbolic.symbols and kinds(symbolic) == kinds(static), f"{static}\n{symbolic}"
+    assert {"mlp", "lm_head"} <= {k for k, _ in kinds(symbolic)}
+    if build is _gemma3:
+        assert any("sliding window" in x.detail for x in symbolic.regions if x.kind == "attention"), str(symbolic)
+
+
 @pytest.mark.parametrize("how", ["no_grad", "eval"])
 def test_inference_and_evaluation_are_exact(how):
     torch.manual_seed(0)
