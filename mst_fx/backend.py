@@ -143,11 +143,14 @@ class MSTBackend:
             self.reports.pop()
             raise
         except Exception as e:  # noqa: BLE001
-            log.warning("mst_fx: Inductor failed on the graph as mst_fx changed it, compiling it "
-                        "unchanged with plain Inductor: %r", e)
             engine.restore(saved)
             why = repr(e)
             why = why if len(why) <= 300 else why[:300] + " ..."
+            flex = [r for r in applied if r.kind == "attention" and getattr(r.plan, "mode", None) == "flex"]
+            if flex:
+                return self._without_flex(gm, example_inputs, flex, why)
+            log.warning("mst_fx: Inductor failed on the graph as mst_fx changed it, compiling it "
+                        "unchanged with plain Inductor: %r", e)
             for r in applied:
                 r.applied = False
                 report.skipped.append(Skipped(r.kind, r.where, f"Inductor failed on the rewrite: {why}"))
@@ -161,6 +164,23 @@ class MSTBackend:
                 counters["mst_fx_symbolic"][r.kind] += 1
         log.debug("mst_fx: %s", report)
         return guard_logits(compiled, logits_outputs(gm))
+
+    def _without_flex(self, gm, example_inputs, flex: list, why: str):
+        """Compile again with flex_attention off, after Inductor failed on a graph with flex
+        rewrites (torch 2.11 on CUDA: block masks at a symbolic length, "CantSplit"): the
+        other rewrites (MLP, head, causal masks) stay, and the masks are kept with why."""
+        log.warning("mst_fx: Inductor failed on flex_attention in this graph, compiling it again "
+                    "with its masks kept: %s", why)
+        self.reports.pop()
+        retry = MSTBackend(self.config.replace(flex_attention="off"), self.compiler)
+        compiled = retry(gm, example_inputs)
+        report = retry.reports[-1]
+        where = {r.where for r in flex}
+        for s in report.skipped:
+            if s.kind == "attention" and s.where in where:
+                s.reason += f"; flex_attention failed in Inductor here: {why}"
+        self.reports.append(report)
+        return compiled
 
     @property
     def report(self) -> Report:

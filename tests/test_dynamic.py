@@ -328,3 +328,41 @@ def test_sequence_values_hold_at_every_length(build):
             i = torch.arange(S)
             want = torch.where(i == 0, torch.tensor(int(seq.first)), seq.a * i + int(seq.k))
             assert torch.equal(got.reshape(-1, S), want.expand_as(got.reshape(-1, S)).to(got.dtype)), (S, seq, got)
+
+
+def test_a_compiler_failing_on_flex_keeps_the_other_rewrites():
+    """When the compiler fails on a graph with flex rewrites (Inductor on CUDA, torch 2.11,
+    at a symbolic length: "CantSplit" in the block mask), the graph is compiled again with
+    its masks kept: the MLP rewrite stays, the mask's skip says why, the result is exact."""
+    from mst_fx import flex
+    from mst_fx.backend import aot_eager_compiler
+
+    def refuses_flex(gm, example_inputs, config_patches=None):
+        from mst_fx.engine import graph_modules
+
+        if any(n.target is flex.attention for m, _ in graph_modules(gm) for n in m.graph.nodes):
+            raise RuntimeError("CantSplit (a stand-in)")
+        return aot_eager_compiler(gm, example_inputs)
+
+    class Block(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            from test_attention import Attention, window
+
+            self.attn, self.mlp = Attention(window, width=H, heads=2), GLU(H, I)
+
+        def forward(self, x):
+            return self.mlp(self.attn(x))
+
+    eager = Block()
+    model = copy.deepcopy(eager)
+    backend = mst_fx.make_backend(CFG.replace(flex_attention="all"), compiler=refuses_flex)
+    x = torch.randn(2, 24, H)
+    a, b = x.clone().requires_grad_(), x.clone().requires_grad_()
+    _step(torch.compile(model, backend=backend), a)
+    _step(eager, b)
+    torch.testing.assert_close(a.grad, b.grad, **TOL[torch.float32])
+    (report,) = backend.reports
+    assert [r.kind for r in report.regions if r.applied] == ["mlp"], str(report)
+    (skip,) = [s for s in report.skipped if s.kind == "attention"]
+    assert "flex_attention failed in Inductor here" in skip.reason and "CantSplit" in skip.reason, skip.reason
