@@ -15,7 +15,9 @@ follows attn_mask back to the graph that computed it, reads the mask back as a f
   fully masked blocks are skipped. By default only on CUDA (MSTConfig.flex_attention):
   torch's CPU flex kernel has no backward. It has no dropout either.
 - unchanged, with the reason: masks that read an S x S tensor or ops it cannot follow,
-  additive float masks, dropout with a non-causal mask, symbolic lengths.
+  additive float masks, dropout with a non-causal mask, a comparison with a symbolic
+  length itself. Symbolic lengths (dynamic shapes) are otherwise handled like static ones:
+  the proofs hold for every length and the block mask is built at run time.
 
 Grouped-query attention: HF repeats each key/value head for its group of query heads
 (``repeat_kv``: unsqueeze, expand, reshape) before SDPA when it builds a mask, torchtitan

@@ -283,7 +283,11 @@ def test_symbolic_flex_and_causal_on_gpu(family, case):
         eager.zero_grad(set_to_none=True)
     symbolic = [r for r in backend.reports if r.symbols]
     assert len(backend.reports) == 2 and len(symbolic) == 1, [str(r) for r in backend.reports]
-    assert len([r for r in symbolic[0].regions if r.applied]) == 2, str(symbolic[0])
+    applied = [r for r in symbolic[0].regions if r.applied]
+    failed = [s for s in symbolic[0].skipped if "flex_attention failed in Inductor here" in s.reason]
+    # torch 2.11's Inductor cannot yet compile a block mask at a symbolic length
+    # (CantSplit): then the masks are kept and say so (benchmarks/RESULTS.md, issue 20).
+    assert len(applied) == 2 or (case != "single" and len(failed) == 2), str(symbolic[0])
 
 
 def _hf_positions(S):  # transformers 5.2x: positions, then packed-sequence ids from them
