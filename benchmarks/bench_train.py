@@ -165,6 +165,25 @@ def one_step(args):
     return model, step
 
 
+def training_step(model, f, tokens: int, vocab: int, device: str, opt=None):
+    """(step, losses): ``step()`` runs one training step on ``tokens`` ids seeded by the
+    length (the same inputs in every method and run) and appends its loss to ``losses``."""
+    g = torch.Generator().manual_seed(tokens)
+    ids = torch.randint(0, vocab, (1, tokens), generator=g).to(device)
+    batch = {"input_ids": ids, "labels": ids, "use_cache": False}
+    losses = []
+
+    def step():
+        model.zero_grad(set_to_none=True)
+        loss = f(batch)
+        loss.backward()
+        if opt is not None:
+            opt.step()
+        losses.append(loss.item())
+
+    return step, losses
+
+
 def run_method(method: str, preset: str, lengths: list[int], iters: int, adamw: bool, quick: bool,
                layers: int | None, logits: str = "drop", mst: dict | None = None) -> None:
     """Child process: one ``RESULT {json}`` line per length; stops after an OOM."""
@@ -176,18 +195,7 @@ def run_method(method: str, preset: str, lengths: list[int], iters: int, adamw: 
     for tokens in sorted(lengths):
         torch._dynamo.reset()
         f, backend = loss_fn(model, method, quick, logits, mst)
-        g = torch.Generator().manual_seed(tokens)
-        ids = torch.randint(0, vocab, (1, tokens), generator=g).to(device)
-        batch = {"input_ids": ids, "labels": ids, "use_cache": False}
-        losses = []
-
-        def step():
-            model.zero_grad(set_to_none=True)
-            loss = f(batch)
-            loss.backward()
-            if opt is not None:
-                opt.step()
-            losses.append(loss.item())
+        step, losses = training_step(model, f, tokens, vocab, device, opt)
 
         row = {"method": method, "tokens": tokens, "kind": "sweep"}
         try:
@@ -210,7 +218,7 @@ def run_method(method: str, preset: str, lengths: list[int], iters: int, adamw: 
         row.update(ms=round(ms, 1), tokens_per_s=round(tokens / ms * 1e3), peak_gb=round(peak / 1e9, 3),
                    loss=round(losses[0], 5))
         print("RESULT " + json.dumps(row), flush=True)
-        batch = ids = f = backend = None  # free this length's tensors and compiled graph
+        step = f = backend = None  # free this length's tensors and compiled graph
         model.zero_grad(set_to_none=True)
         gc.collect()
         if device == "cuda":
@@ -237,16 +245,7 @@ def run_varying(method: str, preset: str, lengths: list[int], quick: bool, layer
     f, backend = loss_fn(model, method, quick, logits, mst)
     vocab = model.config.vocab_size
     for i, tokens in enumerate(lengths):
-        g = torch.Generator().manual_seed(tokens)
-        ids = torch.randint(0, vocab, (1, tokens), generator=g).to(device)
-        batch = {"input_ids": ids, "labels": ids, "use_cache": False}
-        losses = []
-
-        def step():
-            model.zero_grad(set_to_none=True)
-            loss = f(batch)
-            loss.backward()
-            losses.append(loss.item())
+        step, losses = training_step(model, f, tokens, vocab, device)
 
         row = {"method": method, "tokens": tokens, "kind": "varying", "step": i}
         try:
@@ -267,7 +266,7 @@ def run_varying(method: str, preset: str, lengths: list[int], quick: bool, layer
         row.update(ms=round(ms, 1), tokens_per_s=round(tokens / ms * 1e3), peak_gb=round(peak / 1e9, 3),
                    loss=round(losses[0], 5), graphs=counters["stats"]["unique_graphs"])
         print("RESULT " + json.dumps(row), flush=True)
-        batch = ids = None
+        step = None
         if device == "cuda":
             torch.cuda.empty_cache()
 
@@ -354,7 +353,7 @@ def report(rows: list[dict], out: str, preset: str, capacity_gb: float, title: s
 
 def read_csv(paths: list[str]) -> list[dict]:
     """Rows of earlier runs; a later file's row replaces an earlier one for the same
-    (method, tokens, kind)."""
+    (method, tokens, kind, step)."""
     merged: dict[tuple, dict] = {}
     for p in paths:
         with open(p) as f:
@@ -367,7 +366,7 @@ def read_csv(paths: list[str]) -> list[dict]:
                 if "tokens_per_s" in r:
                     r["tokens_per_s"] = int(float(r["tokens_per_s"]))
                 r.pop("loss_diff_vs_compile", None)
-                merged[(r["method"], r["tokens"], r.get("kind", "sweep"))] = r
+                merged[(r["method"], r["tokens"], r.get("kind", "sweep"), r.get("step"))] = r
     return list(merged.values())
 
 

@@ -62,3 +62,19 @@ def test_bench_train_quick(tmp_path):
             assert "mlp x2" in row["rewrites"] and "lm_head x1" in row["rewrites"], row
     assert "longest sequence within" in out
     assert (tmp_path / "train_tiny.png").stat().st_size > 1000
+
+
+def test_bench_train_varying_quick(tmp_path):
+    """--varying: one process, several lengths; the graph after the second length is
+    symbolic and keeps every rewrite, and the rows say so."""
+    import subprocess
+    import sys
+
+    subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "bench_train.py"), "--quick",
+                    "--methods", "mst_gc", "--varying", "4", "--out", str(tmp_path)],
+                   capture_output=True, text=True, check=True)
+    rows = load("bench_train").read_csv([str(tmp_path / "results_train_tiny.csv")])
+    assert all(r["kind"] == "varying" for r in rows) and len({r["step"] for r in rows}) == 4, rows
+    last = max(rows, key=lambda r: int(r["step"]))
+    assert last["rewrites"].endswith("symbolic graph") and "mlp x2" in last["rewrites"], last
+    assert "lm_head x1" in last["rewrites"] and last["graphs"] == "2", last

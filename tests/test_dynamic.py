@@ -133,10 +133,12 @@ def test_symbolic_size_inside_a_mask_is_left_with_a_reason():
 transformers = pytest.importorskip("transformers")
 
 
-def _random_length_steps(model, eager, steps):
+def _random_length_steps(model, eager, steps, lo=1000, hi=4096):
+    """``steps`` training steps of one sequence of lo to hi tokens; with ``eager``, its loss
+    and every gradient equal to the compiled model's at every step."""
     g = torch.Generator().manual_seed(0)
     for _ in range(steps):
-        ids = torch.randint(0, 512, (1, int(torch.randint(1000, 4097, (1,), generator=g))), generator=g)
+        ids = torch.randint(0, 512, (1, int(torch.randint(lo, hi + 1, (1,), generator=g))), generator=g)
         got = model(input_ids=ids, labels=ids).loss
         got.backward()
         if eager is not None:
@@ -220,18 +222,7 @@ def test_qwen3_and_gemma3_random_lengths_compile_twice(build):
     eager = build().train()
     model = copy.deepcopy(eager)
     backend = mst_fx.make_backend(min_chunk_tokens=64, flex_attention="all", compiler=aot_eager_compiler)
-    compiled = torch.compile(model, backend=backend)
-    g = torch.Generator().manual_seed(0)
-    for _ in range(5):
-        ids = torch.randint(0, 512, (1, int(torch.randint(400, 1101, (1,), generator=g))), generator=g)
-        got, ref = compiled(input_ids=ids, labels=ids).loss, eager(input_ids=ids, labels=ids).loss
-        got.backward()
-        ref.backward()
-        torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
-        for (name, p), q in zip(model.named_parameters(), eager.parameters()):
-            torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-5, msg=lambda m: f"{name}: {m}")
-        model.zero_grad(set_to_none=True)
-        eager.zero_grad(set_to_none=True)
+    _random_length_steps(torch.compile(model, backend=backend), eager, 5, 400, 1100)
     assert counters["stats"]["unique_graphs"] == 2, dict(counters["stats"])
     static, symbolic = backend.reports
     kinds = lambda r: sorted((x.kind, x.where) for x in r.regions if x.applied)  # noqa: E731
