@@ -10,6 +10,7 @@ and compiles that: an unsupported graph never breaks torch.compile.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 
@@ -118,7 +119,8 @@ class MSTBackend:
             compile_fx = functools.partial(inductor, decompositions=inductor_decompositions())
         saved = engine.snapshot(gm)
         try:
-            report = engine.rewrite(gm, self.config)
+            with outside_autograd_hooks():
+                report = engine.rewrite(gm, self.config)
         except RestartAnalysis:
             raise
         except Exception as e:  # noqa: BLE001 - a pass bug must not break the user's compile
@@ -189,6 +191,22 @@ class MSTBackend:
         for r in self.reports:
             total.extend(r)
         return total
+
+
+@contextlib.contextmanager
+def outside_autograd_hooks():
+    """Run the passes apart from the autograd hooks of the code that called the compiled
+    region. Dynamo compiles inside the caller's contexts, so an eager
+    ``torch.utils.checkpoint`` around a compiled layer (or ``save_on_cpu``) would see every
+    tensor the passes save while they run chunk bodies on fake values, and its recompute
+    (which finds the graph compiled) would save fewer: CheckpointError. The innermost
+    saved-tensor hooks win, so identity hooks keep the caller's from seeing ours."""
+    with torch.autograd.graph.saved_tensors_hooks(_same, _same):
+        yield
+
+
+def _same(t):
+    return t
 
 
 def symbols_of(example_inputs) -> list[str]:

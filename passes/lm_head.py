@@ -185,6 +185,11 @@ def _plan(gm: GraphModule, unit: Projection, config: MSTConfig, order: dict, whe
                               or any(_needs_grad(t) for t in per_token) or adapted):
         # Gradients in the forward need one scalar loss and one weight (no adapters).
         mode = "recompute"
+    if mode == "forward" and torch.is_autocast_enabled(dv.device.type):
+        # The forward mode's bodies are traced here and call mst_fx's matmul ops, which
+        # autocast (on around the compiled region) does not cast: the recompute mode's
+        # bodies are the model's own ops, traced by AOTAutograd under the same autocast.
+        mode = "recompute"
     wv = value(weight) if weight is not None else None
     fp32_acc = mode == "forward" and config.fp32_weight_grad and wv is not None \
         and wv.dtype in (torch.bfloat16, torch.float16)
