@@ -20,52 +20,30 @@ included), the loss, and what the attention pass did.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import sys
 
 import torch
+from common import (
+    LLAMA_32_1B,
+    TINY,
+    build_model,
+    inputs,
+    kind_counts,
+    print_result,
+    run_row,
+    script_cmd,
+    time_and_peak,
+    write_csv,
+)
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path[:0] = [HERE, os.path.join(HERE, "..")]
-import mst_fx  # noqa: E402
-from mst_fx.memory import median_ms  # noqa: E402
-from rows import run_row, write_csv  # noqa: E402
+import mst_fx
 
 METHODS = ("eager_gc", "compile_gc", "mst_gc", "mst_gc_attn")
-LLAMA_32_1B = dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
-                   num_attention_heads=32, num_key_value_heads=8, vocab_size=128256,
-                   tie_word_embeddings=True, rope_theta=500000.0, max_position_embeddings=262144)
-TINY = dict(hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, vocab_size=1024, tie_word_embeddings=True)
-
-
-def build(dims: dict, device: str):
-    import transformers
-
-    config = transformers.LlamaConfig(**dims)
-    config._attn_implementation = "sdpa"
-    dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    torch.manual_seed(0)
-    with torch.device(device):
-        model = transformers.LlamaForCausalLM(config).to(dtype)
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    return model.train()
-
-
-def inputs(tokens: int, docs: int, vocab: int, device: str) -> dict:
-    g = torch.Generator().manual_seed(1)
-    ids = torch.randint(0, vocab, (1, tokens), generator=g).to(device)
-    out = {"input_ids": ids, "labels": ids, "use_cache": False}
-    if docs > 1:  # equal documents, positions restarting at each
-        bounds = [tokens * i // docs for i in range(docs + 1)]
-        out["position_ids"] = torch.cat([torch.arange(b - a) for a, b in zip(bounds, bounds[1:])])[None].to(device)
-    return out
 
 
 def run_one(method: str, tokens: int, docs: int, iters: int, quick: bool) -> dict:
     device = "cpu" if quick else "cuda"
-    model = build(TINY if quick else LLAMA_32_1B, device)
+    model = build_model(TINY if quick else LLAMA_32_1B, device)
     batch = inputs(tokens, docs, model.config.vocab_size, device)
     backend = None
     if method == "eager_gc":
@@ -84,16 +62,11 @@ def run_one(method: str, tokens: int, docs: int, iters: int, quick: bool) -> dic
         loss.backward()
         losses.append(loss.item())
 
-    step()  # warm-up: compiles
-    if device == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-    ms = median_ms(step, iters, device)
-    peak = torch.cuda.max_memory_allocated() if device == "cuda" else 0
+    ms, peak = time_and_peak(step, iters, device)  # a warm-up step first: compiles
     attention = ""
     if backend is not None:
         kinds = [r.detail.split(":")[0] for r in backend.report.regions if r.kind == "attention"]
-        attention = ",".join(sorted({f"{k} x{kinds.count(k)}" for k in kinds})) or "unchanged"
+        attention = kind_counts(kinds, ",", "unchanged")
     return {"method": method, "tokens": tokens, "docs": docs, "ms": round(ms, 1),
             "peak_gb": round(peak / 1e9, 2), "loss": round(losses[-1], 5), "attention": attention}
 
@@ -110,7 +83,7 @@ def main() -> None:
     args = p.parse_args()
     if args.one:
         method, tokens, docs = args.one
-        print("RESULT " + json.dumps(run_one(method, int(tokens), int(docs), args.iters, args.quick)))
+        print_result(run_one(method, int(tokens), int(docs), args.iters, args.quick))
         return
     if args.quick:
         args.tokens, args.iters = [256], 1
@@ -118,13 +91,12 @@ def main() -> None:
     for tokens in args.tokens:
         for docs in args.docs:
             for method in args.methods:
-                cmd = [sys.executable, os.path.abspath(__file__), "--one", method, str(tokens), str(docs),
-                       "--iters", str(args.iters)] + (["--quick"] if args.quick else [])
+                cmd = script_cmd(__file__, "--one", method, tokens, docs, "--iters", args.iters,
+                                 *(["--quick"] if args.quick else []))
                 row = run_row(cmd, {"method": method, "tokens": tokens, "docs": docs, "ms": None,
                                     "peak_gb": None, "loss": None}, "attention")
                 rows.append(row)
                 print(row, flush=True)
-    os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, "results_attention.csv")
     write_csv(rows, path)
     print(f"\n{'method':<12} {'tokens':>7} {'docs':>4} {'ms':>9} {'peak GB':>8} {'loss':>9}  attention")

@@ -14,33 +14,17 @@ of every graph; the mst losses are compared with the uncompiled run's step by st
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import sys
 import tempfile
 import time
 
 import torch
+from common import applied_kinds, build_model, print_result, run_row, script_cmd, write_csv
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path[:0] = [HERE, os.path.join(HERE, "..")]
-import mst_fx  # noqa: E402
-from rows import run_rows, write_csv  # noqa: E402
+import mst_fx
 
 DIMS = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=8, num_attention_heads=16,
             num_key_value_heads=4, vocab_size=32000, max_position_embeddings=65536)
-
-
-def model():
-    import transformers
-
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(**DIMS)
-    config._attn_implementation = "sdpa"
-    with torch.device("cuda"):
-        m = transformers.LlamaForCausalLM(config).to(torch.bfloat16)
-    m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    return m
 
 
 def lengths(n: int, lo: int, hi: int) -> list[int]:
@@ -73,7 +57,7 @@ def run(client: str, mst: bool, steps: int, lo: int, hi: int) -> dict:
     import transformers
     from torch._dynamo.utils import counters
 
-    m = model()
+    m = build_model(DIMS, "cuda")
     backend = mst_fx.make_backend(logits="drop") if mst else None
     timer = Steps()
     common = dict(output_dir=tempfile.mkdtemp(), max_steps=steps, learning_rate=1e-5, logging_steps=1,
@@ -107,12 +91,8 @@ def run(client: str, mst: bool, steps: int, lo: int, hi: int) -> dict:
            "losses": losses, "peak_gb": round(torch.cuda.max_memory_allocated() / 1e9, 3),
            "ms_after_compile": round(sum(timer.ms[2:]), 1), "graphs": counters["stats"]["unique_graphs"]}
     if backend is not None:
-        row["rewrites"] = [
-            ("symbolic " if r.symbols else "static ")
-            + (", ".join(f"{k} x{[x.kind for x in r.regions if x.applied].count(k)}"
-                         for k in sorted({x.kind for x in r.regions if x.applied})) or "none")
-            for r in backend.reports]
-    print("RESULT " + json.dumps(row), flush=True)
+        row["rewrites"] = [("symbolic " if r.symbols else "static ") + applied_kinds(r) for r in backend.reports]
+    print_result(row)
     return row
 
 
@@ -132,23 +112,20 @@ def main() -> None:
     for client in args.clients:
         pair = {}
         for mst in (False, True):
-            cmd = [sys.executable, os.path.abspath(__file__), "--one", client, str(int(mst)), "--steps",
-                   str(args.steps), "--min", str(args.min), "--max", str(args.max)]
-            got, error = run_rows(cmd)
-            row = got[-1] if got else {"client": client, "method": "mst_gc" if mst else "eager_gc", "note": error}
+            cmd = script_cmd(__file__, "--one", client, int(mst), "--steps", args.steps, "--min", args.min,
+                             "--max", args.max)
+            row = run_row(cmd, {"client": client, "method": "mst_gc" if mst else "eager_gc"}, "note")
             pair[mst] = row
             rows.append(row)
         if "losses" in pair[False] and "losses" in pair[True]:
             diffs = [abs(a - b) for a, b in zip(pair[False]["losses"], pair[True]["losses"])]
             pair[True]["max_loss_diff"] = round(max(diffs), 5)
-    os.makedirs(args.out, exist_ok=True)
-    fields = list(dict.fromkeys(k for r in rows for k in r))
-    write_csv([{k: json.dumps(r[k]) if isinstance(r.get(k), list) else r.get(k, "") for k in fields} for r in rows],
-              os.path.join(args.out, "results_clients.csv"))
+    write_csv(rows, os.path.join(args.out, "results_clients.csv"))
     print(f"\n{'client':<8} {'method':<9} {'peak GB':>8} {'ms after compile':>17} {'graphs':>6} {'max loss diff':>13}")
     for r in rows:
-        print(f"{r['client']:<8} {r['method']:<9} {str(r.get('peak_gb', '')):>8} {str(r.get('ms_after_compile', '')):>17} "
-              f"{str(r.get('graphs', '')):>6} {str(r.get('max_loss_diff', '')):>13}  {r.get('note') or ''}")
+        print(f"{r['client']:<8} {r['method']:<9} {str(r.get('peak_gb', '')):>8} "
+              f"{str(r.get('ms_after_compile', '')):>17} {str(r.get('graphs', '')):>6} "
+              f"{str(r.get('max_loss_diff', '')):>13}  {r.get('note') or ''}")
         for line in r.get("rewrites", []):
             print(f"    {line}")
 

@@ -17,21 +17,16 @@ by the parent, and the rewrites mst_fx applied on the dynamic graph.
 from __future__ import annotations
 
 import argparse
-import csv
-import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 
 import torch
+from common import LLAMA_32_1B, build_model, kind_counts, print_result, run_rows, script_cmd, write_csv
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path[:0] = [HERE, os.path.join(HERE, "..")]
-import mst_fx  # noqa: E402
-from bench_attention import LLAMA_32_1B, build  # noqa: E402
+import mst_fx
 
 METHODS = ("compile_gc", "mst_gc")
 SMALL_16 = dict(hidden_size=128, intermediate_size=512, num_hidden_layers=16, num_attention_heads=4,
@@ -47,7 +42,7 @@ def run_one(method: str, steps: int, lo: int, hi: int, cpu: bool) -> dict:
     from torch._dynamo.utils import counters
 
     device = "cpu" if cpu else "cuda"
-    model = build(SMALL_16 if cpu else LLAMA_32_1B, device)
+    model = build_model(SMALL_16 if cpu else LLAMA_32_1B, device)
     # The small CPU model at 1000-4096 tokens gets no chunk under the default floor of
     # 1024 tokens per chunk; 256 lets the MLPs and the head be chunked as on the GPU.
     backend = (mst_fx.make_backend(min_chunk_tokens=256) if cpu else mst_fx.make_backend()) \
@@ -84,10 +79,11 @@ def run_one(method: str, steps: int, lo: int, hi: int, cpu: bool) -> dict:
             times.append(dt / n * 1e6)  # microseconds per token
     rewrites = ""
     if method == "mst_gc":
-        kinds = [r.kind for r in backend.report.regions if r.applied and r.detail.endswith("symbolic tokens")]
-        rewrites = ",".join(f"{k} x{kinds.count(k)}" for k in sorted(set(kinds))) or "none"
+        rewrites = kind_counts([r.kind for r in backend.report.regions
+                                if r.applied and r.detail.endswith("symbolic tokens")], ",")
     return {"method": method, "compile_s": round(compile_s, 1), "second_length_s": round(second_s, 1),
-            "graphs": counters["stats"]["unique_graphs"], "graphs_in_sweep": counters["stats"]["unique_graphs"] - graphs_before,
+            "graphs": counters["stats"]["unique_graphs"],
+            "graphs_in_sweep": counters["stats"]["unique_graphs"] - graphs_before,
             "us_per_token": round(statistics.median(times), 2) if times else None,
             "peak_gb": round(torch.cuda.max_memory_allocated() / 1e9, 2) if device == "cuda" else 0,
             "losses": losses, "lengths": lengths, "symbolic_rewrites": rewrites}
@@ -104,38 +100,32 @@ def main() -> None:
     p.add_argument("--one", metavar="METHOD", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.one:
-        print("RESULT " + json.dumps(run_one(args.one, args.steps, args.min, args.max, args.cpu)))
+        print_result(run_one(args.one, args.steps, args.min, args.max, args.cpu))
         return
     rows = []
     for method in args.methods:
         env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=tempfile.mkdtemp(prefix="mst_cold_"))
-        cmd = [sys.executable, os.path.abspath(__file__), "--one", method, "--steps", str(args.steps),
-               "--min", str(args.min), "--max", str(args.max)] + (["--cpu"] if args.cpu else [])
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
-        found = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
-        if not found:
-            print(method, "failed:", (proc.stderr.strip().splitlines() or ["?"])[-1])
+        cmd = script_cmd(__file__, "--one", method, "--steps", args.steps, "--min", args.min, "--max", args.max,
+                         *(["--cpu"] if args.cpu else []))
+        got, error = run_rows(cmd, env)
+        if not got:
+            print(method, "failed:", error or "no RESULT line")
             continue
-        rows.append(json.loads(found[-1][len("RESULT "):]))
+        rows.append(got[-1])
     if not rows:
         return
     base = rows[0]["losses"]
     for r in rows:
         r["max_loss_diff"] = round(max(abs(a - b) for a, b in zip(r["losses"], base)), 6)
-    os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, "results_compile.csv")
-    fields = ["method", "compile_s", "second_length_s", "graphs", "graphs_in_sweep", "us_per_token", "peak_gb",
-              "max_loss_diff", "symbolic_rewrites", "lengths"]
-    with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
-        w.writeheader()
-        w.writerows(rows)
+    write_csv(rows, path, ["method", "compile_s", "second_length_s", "graphs", "graphs_in_sweep", "us_per_token",
+                           "peak_gb", "max_loss_diff", "symbolic_rewrites", "lengths"])
     print(f"\nlengths: {rows[0]['lengths']}")
     print(f"{'method':<11} {'compile s':>9} {'2nd len s':>9} {'graphs':>6} {'us/token':>9} {'peak GB':>8} "
           f"{'loss diff':>9}  symbolic rewrites")
     for r in rows:
-        print(f"{r['method']:<11} {r['compile_s']:>9} {r['second_length_s']:>9} {r['graphs']:>6} {str(r['us_per_token']):>9} "
-              f"{r['peak_gb']:>8} {r['max_loss_diff']:>9}  {r['symbolic_rewrites']}")
+        print(f"{r['method']:<11} {r['compile_s']:>9} {r['second_length_s']:>9} {r['graphs']:>6} "
+              f"{str(r['us_per_token']):>9} {r['peak_gb']:>8} {r['max_loss_diff']:>9}  {r['symbolic_rewrites']}")
     if len(rows) == 2:
         print(f"compile time ratio mst / default: {rows[1]['compile_s'] / rows[0]['compile_s']:.2f}")
     print(f"written: {path}")

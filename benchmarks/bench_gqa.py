@@ -12,15 +12,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import os
-import sys
 
 import torch
 import torch.nn.functional as F
+from common import time_and_extra_peak
 from torch.nn.attention import SDPBackend, sdpa_kernel
-
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from mst_fx.memory import median_ms, peak_bytes  # noqa: E402
 
 KERNELS = {"default": None, "cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION,
            "efficient": SDPBackend.EFFICIENT_ATTENTION}
@@ -46,10 +42,8 @@ def run(tokens: int, shared: bool, kernel):
                 out = F.scaled_dot_product_attention(q, repeat_kv(k, 4), repeat_kv(v, 4), is_causal=True)
         out.backward(grad)
 
-    step()
-    ms = median_ms(step, 3, "cuda")
-    peak = peak_bytes(step, "cuda") / 1e9
-    return ms, peak, (q.grad, k.grad, v.grad)
+    ms, peak = time_and_extra_peak(step, 3, "cuda", warmup=1)
+    return ms, peak / 1e9, (q.grad, k.grad, v.grad)
 
 
 def main() -> None:

@@ -19,17 +19,13 @@ The head: logits = h @ W^T, upcast to fp32, cross_entropy(ignore_index=-100, mea
 from __future__ import annotations
 
 import argparse
-import csv
-import os
-import sys
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from common import paper_tables, time_and_extra_peak, write_csv
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-import mst_fx  # noqa: E402
-from mst_fx.memory import median_ms, peak_bytes  # noqa: E402
+import mst_fx
 
 
 class HeadLoss(nn.Module):
@@ -98,19 +94,17 @@ def measure(module, kind, payload, tokens, hidden, vocab, dtype, device, iters):
         fn = lambda: compiled(h, labels)  # noqa: E731
     losses = []
 
-    def step():
+    def clear():
         h.grad = None
         module.weight.grad = None
+
+    def step():
+        clear()
         loss = fn()
         loss.backward()
         losses.append(loss.detach())
 
-    for _ in range(2):
-        step()
-    ms = median_ms(step, iters, device)
-    h.grad = None
-    module.weight.grad = None
-    extra = peak_bytes(step, device)
+    ms, extra = time_and_extra_peak(step, iters, device, clear=clear)
     chunks = "-"
     if isinstance(payload, mst_fx.MSTBackend):
         heads = [r for r in payload.report.regions if r.kind == "lm_head"]
@@ -144,12 +138,7 @@ def run(hidden=4096, vocab=128256, tokens=(32768,), sweep=(), chunk_counts=(),
             print(row, flush=True)
             if device == "cuda":
                 torch.cuda.empty_cache()
-    fields = ["table", "method", "tokens", "chunks", "ms", "extra_gb", "floor_gb", "over_floor_gb", "loss"]
-    os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
-    with open(out, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=fields)
-        w.writeheader()
-        w.writerows(rows)
+    write_csv(rows, out, ["table", "method", "tokens", "chunks", "ms", "extra_gb", "floor_gb", "over_floor_gb", "loss"])
     name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
     print(f"\nLM head + CE, H={hidden} V={vocab} {dtype}, 1/7 labels ignored, fwd+bwd on {name}, "
           f"torch {torch.__version__}")
@@ -160,24 +149,9 @@ def run(hidden=4096, vocab=128256, tokens=(32768,), sweep=(), chunk_counts=(),
                   f"{r['over_floor_gb']:>11}{r['loss']:>10}")
     sweep_rows = [r for r in rows if r["table"] == "sweep"]
     if sweep_rows:
-        print(paper_layout(sweep_rows))
+        print(paper_tables(sweep_rows, (("ms", "time (ms)"),  # the MsT paper's LM-head tables
+                                        ("over_floor_gb", "memory over the gradient floor (GB)"))))
     return rows
-
-
-def paper_layout(rows) -> str:
-    """The MsT paper's LM-head tables: one row per method, one column per token count, for
-    time (ms) and for working memory over the gradient floor (GB); markdown."""
-    tokens = sorted({r["tokens"] for r in rows}, key=int)
-    names = list(dict.fromkeys(r["method"] for r in rows))
-    cell = {(r["method"], r["tokens"]): r for r in rows}
-    out = []
-    for fld, title in (("ms", "time (ms)"), ("over_floor_gb", "memory over the gradient floor (GB)")):
-        out.append(f"\n{title}\n| method | " + " | ".join(str(t) for t in tokens) + " |")
-        out.append("|---|" + "---|" * len(tokens))
-        for m in names:
-            out.append(f"| {m} | " + " | ".join(str(cell[(m, t)][fld]) if (m, t) in cell else ""
-                                                for t in tokens) + " |")
-    return "\n".join(out)
 
 
 def main():

@@ -18,18 +18,23 @@ mst_fx rewrote.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import sys
 
 import torch
+from common import (
+    LLAMA_32_1B,
+    TINY,
+    applied_kinds,
+    build_model,
+    inputs,
+    print_result,
+    run_row,
+    script_cmd,
+    time_and_peak,
+    write_csv,
+)
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path[:0] = [HERE, os.path.join(HERE, "..")]
-import mst_fx  # noqa: E402
-from bench_attention import LLAMA_32_1B, TINY, build, inputs  # noqa: E402
-from mst_fx.memory import median_ms  # noqa: E402
-from rows import run_row, write_csv  # noqa: E402
+import mst_fx
 
 METHODS = ("compile_gc", "mst_gc", "eager_gc")
 
@@ -44,7 +49,7 @@ def lora(model, rank: int):
 
 def run_one(method: str, tokens: int, iters: int, quick: bool, rank: int) -> dict:
     device = "cpu" if quick else "cuda"
-    model = lora(build(TINY if quick else LLAMA_32_1B, device), rank)
+    model = lora(build_model(TINY if quick else LLAMA_32_1B, device), rank)
     batch = inputs(tokens, 1, model.config.vocab_size, device)
     backend = None
     if method == "eager_gc":
@@ -64,16 +69,8 @@ def run_one(method: str, tokens: int, iters: int, quick: bool, rank: int) -> dic
         opt.zero_grad(set_to_none=True)
         losses.append(loss.item())
 
-    step()  # warm-up: compiles
-    if device == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-    ms = median_ms(step, iters, device)
-    peak = torch.cuda.max_memory_allocated() if device == "cuda" else 0
-    rewrites = ""
-    if backend is not None:
-        kinds = [r.kind for r in backend.report.regions if r.applied]
-        rewrites = ",".join(f"{k} x{kinds.count(k)}" for k in sorted(set(kinds))) or "none"
+    ms, peak = time_and_peak(step, iters, device)  # a warm-up step first: compiles
+    rewrites = applied_kinds(backend.report, ",") if backend is not None else ""
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return {"method": method, "tokens": tokens, "ms": round(ms, 1), "peak_gb": round(peak / 1e9, 2),
             "loss": round(losses[0], 5), "trainable_m": round(trainable / 1e6, 2), "rewrites": rewrites}
@@ -91,20 +88,19 @@ def main() -> None:
     args = p.parse_args()
     if args.one:
         method, tokens = args.one
-        print("RESULT " + json.dumps(run_one(method, int(tokens), args.iters, args.quick, args.rank)))
+        print_result(run_one(method, int(tokens), args.iters, args.quick, args.rank))
         return
     if args.quick:
         args.tokens, args.iters = [512], 1
     rows = []
     for tokens in args.tokens:
         for method in args.methods:
-            cmd = [sys.executable, os.path.abspath(__file__), "--one", method, str(tokens),
-                   "--iters", str(args.iters), "--rank", str(args.rank)] + (["--quick"] if args.quick else [])
+            cmd = script_cmd(__file__, "--one", method, tokens, "--iters", args.iters, "--rank", args.rank,
+                             *(["--quick"] if args.quick else []))
             row = run_row(cmd, {"method": method, "tokens": tokens, "ms": None, "peak_gb": None,
                                 "loss": None, "trainable_m": None}, "rewrites")
             rows.append(row)
             print(row, flush=True)
-    os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, "results_lora.csv")
     write_csv(rows, path)
     print(f"\n{'method':<11} {'tokens':>7} {'ms':>9} {'peak GB':>8} {'loss':>9}  rewrites")

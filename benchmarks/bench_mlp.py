@@ -16,17 +16,13 @@ with a given output gradient. Reported per (method, tokens):
 from __future__ import annotations
 
 import argparse
-import csv
-import os
-import sys
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from common import paper_tables, time_and_extra_peak, write_csv
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-import mst_fx  # noqa: E402
-from mst_fx.memory import median_ms, peak_bytes  # noqa: E402
+import mst_fx
 
 
 class SwiGLU(nn.Module):
@@ -54,19 +50,16 @@ def measure(module, backend, tokens, hidden, dtype, device, iters):
     x = torch.randn(tokens, hidden, device=device, dtype=dtype, requires_grad=True)
     dy = torch.randn(tokens, hidden, device=device, dtype=dtype)
 
-    def step():
+    def clear():
         x.grad = None
         for p in module.parameters():
             p.grad = None
+
+    def step():
+        clear()
         fn(x).backward(dy)
 
-    for _ in range(2):
-        step()
-    ms = median_ms(step, iters, device)
-    x.grad = None
-    for p in module.parameters():
-        p.grad = None
-    extra = peak_bytes(step, device)
+    ms, extra = time_and_extra_peak(step, iters, device, clear=clear)
     chunks = "-"
     if isinstance(backend, mst_fx.MSTBackend) and backend.report.regions:
         chunks = str(backend.report.regions[0].chunks)
@@ -94,35 +87,15 @@ def run(hidden=4096, inter=14336, tokens=(16384, 65536), chunk_counts=(2, 4, 8),
                                  floor_gb=round(floor / 1e9, 3), over_floor_gb="OOM"))
             if device == "cuda":
                 torch.cuda.empty_cache()
-    os.makedirs(os.path.dirname(out), exist_ok=True)
-    with open(out, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
+    write_csv(rows, out)
     name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
     print(f"\nSwiGLU H={hidden} I={inter} {dtype} fwd+bwd on {name}, torch {torch.__version__}")
     print(f"{'method':<16}{'tokens':>8}{'M':>4}{'ms':>10}{'extra GB':>10}{'floor GB':>10}{'over floor':>11}")
     for r in rows:
         print(f"{r['method']:<16}{r['tokens']:>8}{r['chunks']:>4}{r['ms']:>10}{r['extra_gb']:>10}"
               f"{r['floor_gb']:>10}{r['over_floor_gb']:>11}")
-    print(paper_layout(rows))
+    print(paper_tables(rows, (("ms", "time (ms)"), ("extra_gb", "extra peak (GB)"))))  # the MsT paper's MLP tables
     return rows
-
-
-def paper_layout(rows) -> str:
-    """The MsT paper's MLP tables: one row per method, one column per token count, for time
-    (ms) and for extra peak memory (GB); markdown."""
-    tokens = sorted({r["tokens"] for r in rows})
-    methods = list(dict.fromkeys(r["method"] for r in rows))
-    cell = {(r["method"], r["tokens"]): r for r in rows}
-    out = []
-    for field, title in (("ms", "time (ms)"), ("extra_gb", "extra peak (GB)")):
-        out.append(f"\n{title}\n| method | " + " | ".join(str(t) for t in tokens) + " |")
-        out.append("|---|" + "---|" * len(tokens))
-        for m in methods:
-            out.append(f"| {m} | " + " | ".join(str(cell[(m, t)][field]) if (m, t) in cell else ""
-                                                for t in tokens) + " |")
-    return "\n".join(out)
 
 
 def main():

@@ -55,56 +55,38 @@ import argparse
 import ast
 import csv
 import gc
-import json
 import os
-import sys
 
 import torch
+from common import (
+    PRESETS,
+    applied_kinds,
+    build_model,
+    inputs,
+    print_result,
+    run_rows,
+    script_cmd,
+    time_and_peak,
+    write_csv,
+)
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path[:0] = [HERE, os.path.join(HERE, "..")]
-import mst_fx  # noqa: E402
-from mst_fx.backend import aot_eager_compiler  # noqa: E402
-from mst_fx.memory import median_ms, peak_bytes  # noqa: E402
-from bench_attention import LLAMA_32_1B  # noqa: E402
-from rows import run_rows, write_csv  # noqa: E402
+import mst_fx
+from mst_fx.backend import aot_eager_compiler
 
 METHODS = ("eager", "eager_gc", "compile_gc", "compile_gc_autochunk", "liger_gc", "cce_gc", "mst_gc", "mst")
 LENGTHS = (8192, 16384, 32768, 65536, 131072, 262144)
-LONG = dict(rope_theta=500000.0, max_position_embeddings=524288)
-PRESETS = {
-    "llama-3.2-1b": ("llama", dict(LLAMA_32_1B, **LONG)),
-    "llama-3-8b": ("llama", dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-                                 num_attention_heads=32, num_key_value_heads=8, vocab_size=128256,
-                                 tie_word_embeddings=False, **LONG)),
-    "qwen3-1.7b": ("qwen3", dict(hidden_size=2048, intermediate_size=6144, num_hidden_layers=28,
-                                 num_attention_heads=16, num_key_value_heads=8, head_dim=128,
-                                 vocab_size=151936, tie_word_embeddings=True, **LONG)),
-    "tiny": ("llama", dict(hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
-                           num_key_value_heads=2, vocab_size=1024, tie_word_embeddings=True)),
-}
 FIELDS = ["method", "tokens", "ms", "tokens_per_s", "peak_gb", "loss", "loss_diff_vs_compile", "rewrites",
           "note", "kind", "step", "graphs"]
 
 
 def build(preset: str, method: str, device: str, layers: int | None):
-    import transformers
-
     family, dims = PRESETS[preset]
     dims = dict(dims, num_hidden_layers=layers) if layers else dims
     if method == "liger_gc":
         import liger_kernel.transformers as liger
 
         getattr(liger, f"apply_liger_kernel_to_{family}")()  # patches the classes: before building
-    config = {"llama": transformers.LlamaConfig, "qwen3": transformers.Qwen3Config}[family](**dims)
-    config._attn_implementation = "sdpa"
-    torch.manual_seed(0)
-    with torch.device(device):
-        model = {"llama": transformers.LlamaForCausalLM, "qwen3": transformers.Qwen3ForCausalLM}[family](config)
-    model = model.to(torch.bfloat16 if device == "cuda" else torch.float32)
-    if method not in ("eager", "mst"):
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    return model.train()
+    return build_model(dims, device, family, checkpointing=method not in ("eager", "mst"))
 
 
 def loss_fn(model, method: str, quick: bool, logits: str = "drop", mst: dict | None = None):
@@ -155,8 +137,7 @@ def one_step(args):
     model = build(args.preset, args.method, "cuda", None)
     overrides = mst_fields(args.mst)
     f, _ = loss_fn(model, args.method, False, overrides.pop("logits", "drop"), overrides)
-    ids = torch.randint(0, model.config.vocab_size, (1, args.tokens), device="cuda")
-    batch = {"input_ids": ids, "labels": ids, "use_cache": False}
+    batch = inputs(args.tokens, 1, model.config.vocab_size, "cuda")
 
     def step():
         model.zero_grad(set_to_none=True)
@@ -168,9 +149,7 @@ def one_step(args):
 def training_step(model, f, tokens: int, vocab: int, device: str, opt=None):
     """(step, losses): ``step()`` runs one training step on ``tokens`` ids seeded by the
     length (the same inputs in every method and run) and appends its loss to ``losses``."""
-    g = torch.Generator().manual_seed(tokens)
-    ids = torch.randint(0, vocab, (1, tokens), generator=g).to(device)
-    batch = {"input_ids": ids, "labels": ids, "use_cache": False}
+    batch = inputs(tokens, 1, vocab, device, seed=tokens)
     losses = []
 
     def step():
@@ -182,6 +161,12 @@ def training_step(model, f, tokens: int, vocab: int, device: str, opt=None):
         losses.append(loss.item())
 
     return step, losses
+
+
+def measured(tokens: int, ms: float, peak: int, losses: list[float]) -> dict:
+    """A row's measured fields: step time, tokens/s, peak GB and the first step's loss."""
+    return dict(ms=round(ms, 1), tokens_per_s=round(tokens / ms * 1e3), peak_gb=round(peak / 1e9, 3),
+                loss=round(losses[0], 5))
 
 
 def run_method(method: str, preset: str, lengths: list[int], iters: int, adamw: bool, quick: bool,
@@ -198,26 +183,16 @@ def run_method(method: str, preset: str, lengths: list[int], iters: int, adamw: 
         step, losses = training_step(model, f, tokens, vocab, device, opt)
 
         row = {"method": method, "tokens": tokens, "kind": "sweep"}
-        try:
-            step()  # warm-up: compiles
-            if device == "cuda":
-                torch.cuda.synchronize()
-                torch.cuda.reset_peak_memory_stats()
-                ms = median_ms(step, iters, device)
-                peak = torch.cuda.max_memory_allocated()
-            else:
-                ms = median_ms(step, iters, device)
-                peak = peak_bytes(step, device)  # CPU: bytes allocated during the step
+        try:  # a warm-up step first (compiles); CPU: the bytes allocated during a step
+            ms, peak = time_and_peak(step, iters, device, cpu_peak=True)
         except torch.OutOfMemoryError:
-            print("RESULT " + json.dumps({**row, "note": "OOM"}), flush=True)
+            print_result({**row, "note": "OOM"})
             return
         if backend is not None:
-            kinds = [r.kind for r in backend.report.regions if r.applied]
-            row["rewrites"] = (", ".join(f"{k} x{kinds.count(k)}" for k in sorted(set(kinds))) or "none") \
-                + f"; logits {logits}" + "".join(f"; {k}={v}" for k, v in (mst or {}).items())
-        row.update(ms=round(ms, 1), tokens_per_s=round(tokens / ms * 1e3), peak_gb=round(peak / 1e9, 3),
-                   loss=round(losses[0], 5))
-        print("RESULT " + json.dumps(row), flush=True)
+            row["rewrites"] = applied_kinds(backend.report) + f"; logits {logits}" \
+                + "".join(f"; {k}={v}" for k, v in (mst or {}).items())
+        row.update(measured(tokens, ms, peak, losses))
+        print_result(row)
         step = f = backend = None  # free this length's tensors and compiled graph
         model.zero_grad(set_to_none=True)
         gc.collect()
@@ -248,24 +223,16 @@ def run_varying(method: str, preset: str, lengths: list[int], quick: bool, layer
         step, losses = training_step(model, f, tokens, vocab, device)
 
         row = {"method": method, "tokens": tokens, "kind": "varying", "step": i}
-        try:
-            step()  # may compile (first and second lengths)
-            if device == "cuda":
-                torch.cuda.synchronize()
-                torch.cuda.reset_peak_memory_stats()
-            ms = median_ms(step, 1, device)
-            peak = torch.cuda.max_memory_allocated() if device == "cuda" else peak_bytes(step, device)
+        try:  # the first run may compile (first and second lengths), the second is timed alone
+            ms, peak = time_and_peak(step, 1, device, cpu_peak=True)
         except torch.OutOfMemoryError:
-            print("RESULT " + json.dumps({**row, "note": "OOM"}), flush=True)
+            print_result({**row, "note": "OOM"})
             return
         if backend is not None:
             last = backend.reports[-1]
-            kinds = [r.kind for r in last.regions if r.applied]
-            row["rewrites"] = (", ".join(f"{k} x{kinds.count(k)}" for k in sorted(set(kinds))) or "none") \
-                + ("; symbolic graph" if last.symbols else "; static graph")
-        row.update(ms=round(ms, 1), tokens_per_s=round(tokens / ms * 1e3), peak_gb=round(peak / 1e9, 3),
-                   loss=round(losses[0], 5), graphs=counters["stats"]["unique_graphs"])
-        print("RESULT " + json.dumps(row), flush=True)
+            row["rewrites"] = applied_kinds(last) + ("; symbolic graph" if last.symbols else "; static graph")
+        row.update(measured(tokens, ms, peak, losses), graphs=counters["stats"]["unique_graphs"])
+        print_result(row)
         step = None
         if device == "cuda":
             torch.cuda.empty_cache()
@@ -331,13 +298,14 @@ def report(rows: list[dict], out: str, preset: str, capacity_gb: float, title: s
                                        r["step"] if r.get("kind") == "varying" else r["tokens"]))
     os.makedirs(out, exist_ok=True)
     path = os.path.join(out, f"results_train_{preset}.csv")
-    write_csv([{k: r.get(k, "") for k in FIELDS} for r in rows], path)
+    write_csv(rows, path, FIELDS)
     png = os.path.join(out, f"train_{preset}.png")
     drew = plot(rows, png, title, capacity_gb)
     print(f"\n{'method':<21} {'tokens':>7} {'ms':>9} {'tok/s':>7} {'peak GB':>8} {'loss':>8} {'vs compile':>10}  note")
     for r in rows:
         print(f"{r['method']:<21} {r['tokens']:>7} {str(r.get('ms', '')):>9} {str(r.get('tokens_per_s', '')):>7} "
-              f"{str(r.get('peak_gb', '')):>8} {str(r.get('loss', '')):>8} {str(r.get('loss_diff_vs_compile', '')):>10}  "
+              f"{str(r.get('peak_gb', '')):>8} {str(r.get('loss', '')):>8} "
+              f"{str(r.get('loss_diff_vs_compile', '')):>10}  "
               f"{r.get('kind') if r.get('kind') == 'check' else ''} {r.get('note') or ''} {r.get('rewrites') or ''}"
               + (f" (step {r['step']}, {r.get('graphs')} graphs)" if r.get("kind") == "varying" else ""))
     print(f"\nlongest sequence within {capacity_gb} GB (line through the two longest runs):")
@@ -410,12 +378,11 @@ def main() -> None:
         return
 
     def child(method: str, tokens: list[int], iters: int = args.iters, varying: bool = False) -> list[dict]:
-        cmd = [sys.executable, os.path.abspath(__file__), "--one", method, "--tokens", *map(str, tokens),
-               "--iters", str(iters)] + (["--quick"] if args.quick else []) + \
-              (["--varying", "1"] if varying else []) + \
-              (["--adamw"] if args.adamw else []) + (["--layers", str(args.layers)] if args.layers else []) + \
-              (["--preset", args.preset] if not args.quick else []) + ["--mst-logits", args.mst_logits] + \
-              (["--mst", *args.mst] if args.mst else [])
+        cmd = script_cmd(__file__, "--one", method, "--tokens", *tokens, "--iters", iters,
+                         *(["--quick"] if args.quick else []), *(["--varying", 1] if varying else []),
+                         *(["--adamw"] if args.adamw else []), *(["--layers", args.layers] if args.layers else []),
+                         *(["--preset", args.preset] if not args.quick else []), "--mst-logits", args.mst_logits,
+                         *(["--mst", *args.mst] if args.mst else []))
         got, error = run_rows(cmd)
         done = {r["tokens"] for r in got}
         missing = [t for t in (tokens if varying else sorted(tokens)) if t not in done]

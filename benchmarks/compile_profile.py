@@ -12,16 +12,11 @@ empty TORCHINDUCTOR_CACHE_DIR for a cold compile. GPU only.
 from __future__ import annotations
 
 import cProfile
-import os
 import pstats
-import sys
 import time
 
 import torch
-
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path[:0] = [HERE, os.path.join(HERE, "..")]
-from bench_train import one_step, one_step_parser  # noqa: E402
+from bench_train import one_step, one_step_parser
 
 
 def main() -> None:

@@ -18,14 +18,10 @@ from __future__ import annotations
 
 import linecache
 import os
-import sys
 from collections import defaultdict
 
 import torch
-
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path[:0] = [HERE, os.path.join(HERE, "..")]
-from bench_train import one_step, one_step_parser  # noqa: E402
+from bench_train import one_step, one_step_parser
 
 TORCH_DIR = os.path.dirname(torch.__file__)
 

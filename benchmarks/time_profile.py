@@ -11,15 +11,10 @@ kernels and Liger's), the rest. GPU only.
 
 from __future__ import annotations
 
-import os
-import sys
 from collections import defaultdict
 
 import torch
-
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path[:0] = [HERE, os.path.join(HERE, "..")]
-from bench_train import one_step, one_step_parser  # noqa: E402
+from bench_train import one_step, one_step_parser
 
 KINDS = (("attention", ("flash", "cudnn", "fmha", "attention", "sdpa")),
          ("GEMM", ("gemm", "cutlass", "nvjet", "sm90_xmma", "cublas")),

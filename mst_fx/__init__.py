@@ -12,20 +12,6 @@ whole (the Mini-Sequence Transformer method), then hands the graph to Inductor.
 import logging
 import os
 
-from mst_fx.backend import MSTBackend, explain, make_backend, mst_backend
-from mst_fx.config import MSTConfig
-from mst_fx.report import Region, Report, Skipped
-
-__all__ = ["MSTBackend", "MSTConfig", "Region", "Report", "Skipped", "explain",
-           "make_backend", "mst_backend"]
-__version__ = "0.1.0"
-
-_log = logging.getLogger("mst_fx")
-_log.addHandler(logging.NullHandler())
-if os.environ.get("MST_FX_LOG"):
-    _log.setLevel(os.environ["MST_FX_LOG"].upper())
-    _log.addHandler(logging.StreamHandler())
-
 
 def _source_tree_passes() -> None:
     """From a source checkout (tests, ``python -m mst_fx`` in the repo root) the passes live
@@ -47,4 +33,21 @@ def _source_tree_passes() -> None:
     globals()["passes"] = module
 
 
+# Before the imports below: the backend imports passes (post-grad, joint).
 _source_tree_passes()
+
+from mst_fx.backend import MSTBackend, explain, make_backend, mst_backend  # noqa: E402
+from mst_fx.config import MSTConfig  # noqa: E402
+from mst_fx.report import Region, Report, Skipped  # noqa: E402
+
+__all__ = ["MSTBackend", "MSTConfig", "Region", "Report", "Skipped", "explain",
+           "make_backend", "mst_backend"]
+__version__ = "0.1.0"
+
+_log = logging.getLogger("mst_fx")
+_log.addHandler(logging.NullHandler())
+if os.environ.get("MST_FX_LOG"):
+    _log.setLevel(os.environ["MST_FX_LOG"].upper())
+    _log.addHandler(logging.StreamHandler())
+
+

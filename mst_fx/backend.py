@@ -19,10 +19,12 @@ from torch._dynamo.exc import RestartAnalysis
 from torch._dynamo.utils import counters
 
 from mst_fx import engine
-from mst_fx.barriers import ChunkBarriers, rewrite_identity
 from mst_fx.config import MSTConfig
-from mst_fx.embedding_recompute import RecomputeEmbeddings
-from mst_fx.report import Report, Skipped
+from mst_fx.identity import rewrite_identity
+from mst_fx.passes import PASSES
+from mst_fx.passes.joint.embedding_recompute import RecomputeEmbeddings
+from mst_fx.passes.post_grad.pipeline import PostGradPasses
+from mst_fx.report import Reason, Report, Skipped
 from mst_fx.schemas import cached_chunk_schemas
 
 log = logging.getLogger("mst_fx.backend")
@@ -37,20 +39,20 @@ log = logging.getLogger("mst_fx.backend")
 # detached inputs and return fresh tensors) have no such alias, and the attention pass adds
 # no chunk bodies, so a graph with only those keeps Inductor's buffer reuse.
 #
-# ChunkBarriers (mst_fx.barriers) keeps Inductor from summing the chunks' weight gradients
-# in one kernel after the last chunk.
+# PostGradPasses (mst_fx.passes.post_grad) keep Inductor from summing the chunks' weight
+# gradients in one kernel after the last chunk, and drop forward calls nothing reads.
 #
-# RecomputeEmbeddings (mst_fx.embedding_recompute) lets the partitioner repeat a checkpointed
+# RecomputeEmbeddings (mst_fx.passes.joint) lets the partitioner repeat a checkpointed
 # model's embedding lookup in the backward instead of saving its output.
 def rewrite_inductor_config(regions=None, identity: str = "", recompute_embedding: bool = False) -> dict:
     """Inductor config patches for a rewritten graph; ``identity`` goes into the cache keys
-    (see ChunkBarriers)."""
+    (see mst_fx.identity)."""
     from torch._inductor import config
 
-    patches = {"post_grad_custom_post_pass": ChunkBarriers(config.post_grad_custom_post_pass, identity)}
+    patches = {"post_grad_custom_post_pass": PostGradPasses(config.post_grad_custom_post_pass, identity)}
     if recompute_embedding:
         patches["joint_custom_post_pass"] = RecomputeEmbeddings(config.joint_custom_post_pass)
-    if regions is None or any(_aliases_inputs(r) for r in regions):
+    if regions is None or any(r.aliases_inputs for r in regions):
         patches.update(allow_buffer_reuse=False, inplace_buffers=False)
     return patches
 
@@ -85,14 +87,6 @@ def inductor_decompositions() -> DecompositionTable:
 
     table[aten.embedding_dense_backward.default] = embedding_dense_backward
     return DecompositionTable(table)
-
-
-def _aliases_inputs(region) -> bool:
-    """Whether the region's chunk bodies are differentiated by autograd (and may return
-    their inputs as saved values)."""
-    if region.kind == "lm_head":
-        return getattr(region.plan, "mode", None) != "forward"
-    return region.kind == "mlp"
 
 
 class MSTBackend:
@@ -148,24 +142,28 @@ class MSTBackend:
             engine.restore(saved)
             why = repr(e)
             why = why if len(why) <= 300 else why[:300] + " ..."
-            flex = [r for r in applied if r.kind == "attention" and getattr(r.plan, "mode", None) == "flex"]
+            flex = [r for r in applied if r.flex]
             if flex:
                 return self._without_flex(gm, example_inputs, flex, why)
             log.warning("mst_fx: Inductor failed on the graph as mst_fx changed it, compiling it "
                         "unchanged with plain Inductor: %r", e)
             for r in applied:
                 r.applied = False
-                report.skipped.append(Skipped(r.kind, r.where, f"Inductor failed on the rewrite: {why}"))
+                report.skipped.append(Skipped(r.kind, r.where, f"Inductor failed on the rewrite: {why}", Reason.FAILED))
             if not applied:
                 report.skipped.append(Skipped("backend", "<graph>", f"Inductor failed with mst_fx's "
-                                              f"decompositions, compiled as plain torch.compile: {why}"))
+                                              f"decompositions, compiled as plain torch.compile: {why}",
+                                              Reason.FAILED))
             return plain(gm, example_inputs)
         for r in applied:
             counters["mst_fx"][r.kind] += 1
             if report.symbols:  # the rewrites of graphs that serve every length
                 counters["mst_fx_symbolic"][r.kind] += 1
         log.debug("mst_fx: %s", report)
-        return guard_logits(compiled, logits_outputs(gm))
+        for kind in {r.kind for r in applied}:
+            wrap = getattr(PASSES[kind], "wrap_compiled", None)
+            compiled = wrap(compiled, gm) if wrap else compiled
+        return compiled
 
     def _without_flex(self, gm, example_inputs, flex: list, why: str):
         """Compile again with flex_attention off, after Inductor failed on a graph with flex
@@ -222,62 +220,15 @@ def symbols_of(example_inputs) -> list[str]:
     return found
 
 
-def logits_outputs(gm: torch.fx.GraphModule) -> list[int]:
-    """Positions of graph outputs that the lm_head pass turned into logits without gradient."""
-    out = next(n for n in reversed(gm.graph.nodes) if n.op == "output")
-    values = out.args[0] if isinstance(out.args[0], (tuple, list)) else (out.args[0],)
-    return [i for i, a in enumerate(values)
-            if isinstance(a, torch.fx.Node) and a.meta.get("mst_fx_logits")]
-
-
-class _NoGradientThroughLogits(torch.autograd.Function):
-    """Marks rewritten logits: backward through them raises instead of silently leaving a
-    gradient out. (Their values are exact; their gradient was never computed.)"""
-
-    @staticmethod
-    def forward(ctx, logits, anchor):
-        return logits.view_as(logits)
-
-    @staticmethod
-    def backward(ctx, grad):
-        raise RuntimeError(
-            "mst_fx: these logits were computed chunk by chunk for the loss and carry no "
-            "gradient. Backpropagate from the loss only, or compile with "
-            "make_backend(passes=('mlp',)) to leave the vocabulary projection unchanged.")
-
-
-_ANCHOR: list[torch.Tensor] = []
-
-
-def guard_logits(compiled, positions: list[int]):
-    """``compiled`` with the outputs at ``positions`` wrapped in _NoGradientThroughLogits."""
-    if not positions:
-        return compiled
-
-    def run(*args):
-        outs = compiled(*args)
-        if not torch.is_grad_enabled():
-            return outs
-        if not _ANCHOR:
-            _ANCHOR.append(torch.zeros((), requires_grad=True))
-        fixed = list(outs)
-        for i in positions:
-            fixed[i] = _NoGradientThroughLogits.apply(fixed[i], _ANCHOR[0])
-        return type(outs)(fixed) if isinstance(outs, tuple) else fixed
-
-    run._boxed_call = getattr(compiled, "_boxed_call", False)
-    return run
-
-
 def engine_failure(gm, config: MSTConfig, reason: str) -> Report:
     """The detection report of an unchanged graph, every region turned into a skip."""
     report = Report()
     try:
         for _, found in engine.detect(gm, config):
             report.skipped += found.skipped
-            report.skipped += [Skipped(r.kind, r.where, reason) for r in found.regions]
+            report.skipped += [Skipped(r.kind, r.where, reason, Reason.FAILED) for r in found.regions]
     except Exception as e:  # noqa: BLE001
-        report.skipped.append(Skipped("*", "?", f"detection failed: {e!r}"))
+        report.skipped.append(Skipped("*", "?", f"detection failed: {e!r}", Reason.FAILED))
     return report
 
 

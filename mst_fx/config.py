@@ -9,8 +9,14 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-# Names of the passes that exist; the registry in mst_fx.passes must match these.
-KNOWN_PASSES = ("mlp", "lm_head", "attention")
+
+def known_passes() -> tuple[str, ...]:
+    """The graph passes that exist, in the order they run: the registry's names."""
+    from mst_fx.passes import PASSES
+
+    return tuple(PASSES)
+
+
 LM_HEAD_GRADS = ("forward", "recompute")
 LOGITS = ("keep", "drop")
 FLEX_ATTENTION = ("cuda", "all", "off")
@@ -62,7 +68,7 @@ class MSTConfig:
         recompute_embedding: in a checkpointed model, the token embedding lookup (the first
             layer's input, [tokens, hidden]) is repeated in the backward from the token ids
             instead of being saved from the forward to the end of the backward (see
-            mst_fx.embedding_recompute). Applies to every graph the backend compiles.
+            mst_fx.passes.joint.embedding_recompute). Applies to every graph the backend compiles.
         flex_attention: where the attention pass turns a mask it cannot drop (packing,
             padding, sliding window) into flex_attention. "cuda": on CUDA devices only
             (torch's CPU flex kernel has no backward, and gave wrong values at some
@@ -74,7 +80,7 @@ class MSTConfig:
         8
     """
 
-    passes: tuple[str, ...] = ("mlp", "lm_head", "attention")
+    passes: tuple[str, ...] = dataclasses.field(default_factory=known_passes)
     chunks: int | None = None
     chunk_bytes: int | None = None
     min_chunk_tokens: int = 1024
@@ -92,9 +98,9 @@ class MSTConfig:
         if isinstance(self.passes, str) or not isinstance(self.passes, (tuple, list)):
             raise ValueError(f"MSTConfig.passes must be a tuple of pass names, got {self.passes!r}")
         object.__setattr__(self, "passes", tuple(self.passes))
-        unknown = [p for p in self.passes if p not in KNOWN_PASSES]
+        unknown = [p for p in self.passes if p not in known_passes()]
         if unknown:
-            raise ValueError(f"MSTConfig.passes: unknown pass {unknown}; known: {KNOWN_PASSES}")
+            raise ValueError(f"MSTConfig.passes: unknown pass {unknown}; known: {known_passes()}")
         _check_int("chunks", self.chunks, minimum=1, optional=True)
         _check_int("chunk_bytes", self.chunk_bytes, minimum=1, optional=True)
         if self.chunks is not None and self.chunk_bytes is not None:

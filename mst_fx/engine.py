@@ -2,7 +2,7 @@
 
 A Dynamo graph may hold activation-checkpointed regions as ``tag_activation_checkpoint``
 calls whose bodies are submodules; blocks inside them are found too, and marked so that
-the rewrite does not recompute them a second time (see mst_fx.chunking).
+the rewrite does not recompute them a second time (see mst_fx.passes.graph.chunking).
 
 ``snapshot``/``restore`` keep the original graphs so that the backend can fall back to the
 unchanged graph if anything goes wrong after a rewrite.
@@ -13,36 +13,22 @@ from __future__ import annotations
 import logging
 import re
 
-import torch
 from torch.fx import Graph, GraphModule, Node
 
+from mst_fx import fx
 from mst_fx.config import MSTConfig
 from mst_fx.report import Report
 
 log = logging.getLogger("mst_fx.engine")
 
-CHECKPOINT = torch.ops.higher_order.tag_activation_checkpoint
-
 
 def graph_modules(gm: GraphModule) -> list[tuple[GraphModule, bool]]:
     """``gm`` and the bodies of its activation-checkpointed regions, each once, with a flag
     saying whether the module runs under activation checkpointing."""
-    found: list[tuple[GraphModule, bool]] = []
-    seen: set[int] = set()
-
-    def visit(mod: GraphModule, checkpointed: bool) -> None:
-        if id(mod) in seen:
-            return
-        seen.add(id(mod))
-        found.append((mod, checkpointed))
-        for n in mod.graph.nodes:
-            if n.op == "call_function" and n.target is CHECKPOINT and n.args[0].op == "get_attr":
-                body = getattr(mod, n.args[0].target)
-                if isinstance(body, GraphModule):
-                    visit(body, True)
-
-    visit(gm, False)
-    return found
+    found = {}
+    for mod, path in fx.checkpoint_bodies(gm):
+        found.setdefault(id(mod), (mod, bool(path)))
+    return list(found.values())
 
 
 def detect(gm: GraphModule, config: MSTConfig) -> list[tuple[GraphModule, Report]]:
@@ -105,7 +91,7 @@ def fill_example_values(gm: GraphModule) -> int:
             try:
                 if n.op == "call_method":
                     v = getattr(args[0], n.target)(*args[1:], **kwargs)
-                elif n.target is torch.ops.higher_order.invoke_subgraph:
+                elif n.target is fx.INVOKE:
                     v = tuple(args[0](*args[2:]))
                 else:
                     v = n.target(*args, **kwargs)

@@ -1,11 +1,14 @@
 """What the passes found: rewritten regions, skipped candidates, and the printed table.
 
 Detection produces these records; rewriting only consumes them. ``explain()`` returns a
-Report, and the backend keeps the Report of every graph it compiled.
+Report, and the backend keeps the Report of every graph it compiled. A pass that cannot take
+a candidate raises ``Skip`` (a reason code and the readable text) inside detection; the pass
+boundary records it with ``Report.skip``.
 """
 
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,7 +21,11 @@ class Region:
     path when the graph knows it; ``tokens`` the flattened leading dims; ``chunks`` the
     number of mini-sequences; ``bytes_saved`` an estimate of the activation bytes that are
     no longer held for backward; ``detail`` a short shape summary. ``plan`` carries the
-    pass's private data from detection to rewriting and is not printed.
+    pass's private data from detection to rewriting and is not printed. What the backend
+    needs to know of a region is a field: ``aliases_inputs``, its chunk bodies are
+    differentiated by autograd and may return their inputs as saved values (Inductor's
+    buffer reuse must be off, see mst_fx.backend); ``flex``, it calls flex_attention (the
+    backend compiles again without it if Inductor fails).
     """
 
     kind: str
@@ -28,7 +35,33 @@ class Region:
     bytes_saved: int
     detail: str = ""
     applied: bool = False
+    aliases_inputs: bool = False
+    flex: bool = False
     plan: Any = field(default=None, repr=False, compare=False)
+
+
+class Reason(enum.Enum):
+    """Why a candidate was left unchanged, as a code (the text says it for a reader)."""
+
+    NOT_A_REGION = "not a region"  # not this pass's business (not reported)
+    NOT_TOKENWISE = "not token-wise"  # an op mixes tokens, or is not per token
+    SHAPE = "shape"  # dims, ranks or layouts the pass cannot chunk or read
+    ESCAPES = "escapes"  # a value of the region is used outside it, or too early
+    SYMBOLIC = "symbolic sizes"  # dynamic shapes the pass cannot plan for
+    NO_GAIN = "no gain"  # too few tokens, or chunking would not lower the peak
+    NO_GRADIENT = "no gradient"  # an inference graph
+    RANDOM = "random"  # dropout the rewrite would draw differently
+    MASK = "mask"  # attention: a mask that cannot be read, proved or dropped
+    UNSUPPORTED = "unsupported"  # a form of an op the pass does not handle
+    FAILED = "failed"  # a pass or Inductor failed; the graph was compiled unchanged
+
+
+class Skip(Exception):
+    """Raised inside a pass's detection; the pass boundary turns it into a Skipped."""
+
+    def __init__(self, code: Reason, reason: str = ""):
+        super().__init__(reason)
+        self.code = code
 
 
 @dataclass
@@ -38,6 +71,7 @@ class Skipped:
     kind: str
     where: str
     reason: str
+    code: Reason = Reason.UNSUPPORTED
 
 
 @dataclass
@@ -49,6 +83,11 @@ class Report:
     regions: list[Region] = field(default_factory=list)
     skipped: list[Skipped] = field(default_factory=list)
     symbols: list[str] = field(default_factory=list)
+
+    def skip(self, kind: str, where: str, e: Skip) -> None:
+        """Record ``e`` for the candidate at ``where`` (nothing for NOT_A_REGION)."""
+        if e.code is not Reason.NOT_A_REGION:
+            self.skipped.append(Skipped(kind, where, str(e), e.code))
 
     def extend(self, other: "Report") -> None:
         self.regions.extend(other.regions)

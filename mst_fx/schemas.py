@@ -20,12 +20,10 @@ touched.
 from __future__ import annotations
 
 import contextlib
-import re
 
 import torch
 
-# mst_fx's identifiers, and the fw_/bw_ graphs invoke_subgraph's autograd derives from them.
-OURS = re.compile(r"((fw|bw)_)?mst_")
+from mst_fx import fx
 
 
 @contextlib.contextmanager
@@ -37,7 +35,7 @@ def cached_chunk_schemas():
     cache: dict = {}
 
     def gen_schema(subgraph, identifier, *operands):
-        if not (isinstance(identifier, str) and OURS.match(identifier)):
+        if not (isinstance(identifier, str) and fx.is_ours(identifier)):
             return original(subgraph, identifier, *operands)
         key = (identifier, id(subgraph), tuple(_layout(o) for o in operands))
         if key not in cache:

@@ -13,7 +13,7 @@ import mst_fx
 
 # Tolerances against eager, by dtype. fp32: the chunked GEMMs sum the weight gradient
 # chunk by chunk, so it differs from one big GEMM by rounding only. bf16: both sides round
-# to bf16 at every op boundary, but fusion decisions differ (README, "bf16 tolerances").
+# to bf16 at every op boundary, but fusion decisions differ (docs/correctness.md, "bf16 tolerances").
 TOL = {
     torch.float32: dict(rtol=1e-5, atol=1e-5),
     torch.bfloat16: dict(rtol=2e-2, atol=2e-2),

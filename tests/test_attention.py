@@ -10,13 +10,14 @@ no CPU flex backward; test_flex_on_gpu runs the same through Inductor on a GPU.
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import check_rewrite
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import mst_fx
-from helpers import check_rewrite
 from mst_fx.backend import aot_eager_compiler
-from mst_fx.masks import diagonal_allowed, extract, mask_sizes, prove
+from mst_fx.passes.graph.attention.masks import extract, mask_sizes
+from mst_fx.passes.graph.attention.prover import diagonal_allowed, prove
 
 transformers = pytest.importorskip("transformers")
 

@@ -6,18 +6,18 @@ import sys
 
 import pytest
 import torch
+from blocks import GLU, Stack
+from helpers import check_rewrite
 from torch._dynamo.utils import counters
 from torch._inductor.custom_graph_pass import CustomGraphPass
 
 import mst_fx
-from blocks import GLU, Stack
-from helpers import check_rewrite
 
 CFG = mst_fx.MSTConfig(chunks=4)
 
 
 def test_failing_rewrite_leaves_graph_unchanged(monkeypatch):
-    from mst_fx.passes import mlp
+    from mst_fx.passes.graph import mlp
 
     def broken(*args, **kwargs):
         raise RuntimeError("simulated pass bug")
@@ -126,9 +126,10 @@ def test_chunk_schemas_traced_once_per_body(monkeypatch):
     import contextlib
 
     import torch._higher_order_ops.utils as hop_utils
+    from torch._higher_order_ops.invoke_subgraph import invoke_subgraph
+
     from mst_fx import backend as backend_mod
     from mst_fx.backend import aot_eager_compiler
-    from torch._higher_order_ops.invoke_subgraph import invoke_subgraph
 
     real = hop_utils.materialize_as_graph
     calls = []
@@ -157,8 +158,9 @@ def test_chunk_schema_memo_names(monkeypatch, identifier, traces):
     graphs it derives from them (torch 2.11 generates every fw_ call's schema), and no
     other body."""
     import torch._higher_order_ops.utils as hop_utils
-    from mst_fx.schemas import cached_chunk_schemas
     from torch._higher_order_ops.invoke_subgraph import invoke_subgraph
+
+    from mst_fx.schemas import cached_chunk_schemas
 
     real = hop_utils.materialize_as_graph
     calls = []

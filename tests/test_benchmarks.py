@@ -1,13 +1,23 @@
 """The benchmark scripts run end to end (tiny sizes, CPU) and report what they claim."""
 
+import csv
+import glob
 import importlib.util
 import os
+import sys
+
+import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BENCH = os.path.join(ROOT, "benchmarks")
 
 
 def load(name):
-    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "benchmarks", f"{name}.py"))
+    """A benchmark script as a module, with benchmarks/ on sys.path as ``python
+    benchmarks/<name>.py`` has it (the scripts import benchmarks/common.py)."""
+    if BENCH not in sys.path:
+        sys.path.insert(0, BENCH)
+    spec = importlib.util.spec_from_file_location(name, os.path.join(BENCH, f"{name}.py"))
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -78,3 +88,24 @@ def test_bench_train_varying_quick(tmp_path):
     last = max(rows, key=lambda r: int(r["step"]))
     assert last["rewrites"].endswith("symbolic graph") and "mlp x2" in last["rewrites"], last
     assert "lm_head x1" in last["rewrites"] and last["graphs"] == "2", last
+
+
+@pytest.mark.parametrize("name", sorted(os.path.basename(p)[:-3] for p in glob.glob(os.path.join(BENCH, "*.py"))))
+def test_bench_scripts_import(name):
+    """Every script, the GPU-only ones included, imports (common.py, bench_train, mst_fx)."""
+    load(name)
+
+
+def test_bench_common_rows(tmp_path):
+    """The child-process row runner reads ``RESULT`` lines back and names a failure; the CSV
+    has every key of the rows in the order first seen, a missing value empty, a list as JSON."""
+    common = load("common")
+    ok = "import json; print('RESULT ' + json.dumps({'a': 1})); print('other output')"
+    assert common.run_rows([sys.executable, "-c", ok]) == ([{"a": 1}], None)
+    oom = "import sys; sys.stderr.write('torch.OutOfMemoryError: CUDA out of memory'); sys.exit(1)"
+    assert common.run_row([sys.executable, "-c", oom], {"a": None}, "note") == {"a": None, "note": "OOM"}
+    assert common.run_rows([sys.executable, "-c", "raise ValueError('boom')"]) == ([], "ValueError: boom")
+    path = tmp_path / "new" / "rows.csv"
+    common.write_csv([{"a": 1, "b": [1, "x"]}, {"a": 2, "c": 3}], str(path))
+    with open(path, newline="") as f:
+        assert list(csv.DictReader(f)) == [{"a": "1", "b": '[1, "x"]', "c": ""}, {"a": "2", "b": "", "c": "3"}]

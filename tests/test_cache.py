@@ -10,11 +10,12 @@ import subprocess
 import sys
 
 import torch
+from blocks import GLU
 from torch._inductor.utils import run_and_get_code
 
 import mst_fx
-from blocks import GLU
-from mst_fx.barriers import ChunkBarriers, code_hash, rewrite_identity
+from mst_fx.identity import code_hash, rewrite_identity
+from mst_fx.passes.post_grad.pipeline import PostGradPasses
 
 # One training step of an MLP block and a vocabulary projection + loss, compiled with
 # mst_fx in a fresh process; prints the cache counters, the rewrites and the largest
@@ -82,7 +83,7 @@ def test_cache_key_names_the_config_and_the_code():
     a, b = mst_fx.MSTConfig(chunks=4), mst_fx.MSTConfig(chunks=8)
     assert rewrite_identity(a) == rewrite_identity(mst_fx.MSTConfig(chunks=4))
     assert rewrite_identity(a) != rewrite_identity(b)
-    ua, ub = ChunkBarriers(None, rewrite_identity(a)).uuid(), ChunkBarriers(None, rewrite_identity(b)).uuid()
+    ua, ub = PostGradPasses(None, rewrite_identity(a)).uuid(), PostGradPasses(None, rewrite_identity(b)).uuid()
     assert ua != ub and code_hash() in ua
 
 

@@ -38,7 +38,8 @@ def test_make_backend_overrides():
 
 
 def test_passes_package_is_importable():
-    from mst_fx.passes import PASSES, mlp
+    from mst_fx.passes import PASSES
+    from mst_fx.passes.graph import mlp
 
     assert PASSES["mlp"] is mlp and mlp.KIND == "mlp"
 

@@ -10,11 +10,11 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.utils.checkpoint as checkpoint
+from blocks import GLU
+from helpers import TOL, grads_of
 from torch._dynamo.utils import counters
 
 import mst_fx
-from blocks import GLU
-from helpers import TOL, grads_of
 
 CFG = mst_fx.MSTConfig(chunks=4)
 

@@ -7,11 +7,11 @@ import copy
 
 import pytest
 import torch
+from blocks import GLU, Stack
+from helpers import TOL, grads_of
 from torch._dynamo.utils import counters
 
 import mst_fx
-from blocks import GLU, Stack
-from helpers import TOL, grads_of
 
 H, I = 32, 96
 CFG = mst_fx.MSTConfig(chunks=4)
@@ -74,8 +74,7 @@ def test_symbolic_tokens_under_checkpointing():
 # Attention masks at a symbolic length: proofs that hold for every length, block masks built
 # at run time for the current one. Flex rewrites run through aot_eager_compiler on CPU (see
 # test_attention.py); the causal ones through Inductor.
-from test_attention import (Attention, causal_2d, causal_hf, documents, padding,  # noqa: E402
-                            prefix_lm, window)
+from test_attention import Attention, causal_2d, causal_hf, documents, padding, prefix_lm, window  # noqa: E402
 
 FLEX = mst_fx.MSTConfig(passes=("attention",), flex_attention="all")
 MASKS = [
@@ -298,7 +297,7 @@ def test_sequence_values_hold_at_every_length(build):
     what it says must be what the graph computes, at lengths other than the traced one."""
     from torch.fx import Interpreter
 
-    from mst_fx.masks import sequence_value
+    from mst_fx.passes.graph.attention.prover import sequence_value
 
     graphs = []
 
@@ -330,8 +329,8 @@ def test_a_compiler_failing_on_flex_keeps_the_other_rewrites():
     """When the compiler fails on a graph with flex rewrites (Inductor on CUDA, torch 2.11,
     at a symbolic length: "CantSplit" in the block mask), the graph is compiled again with
     its masks kept: the MLP rewrite stays, the mask's skip says why, the result is exact."""
-    from mst_fx import flex
     from mst_fx.backend import aot_eager_compiler
+    from mst_fx.passes.graph.attention import flex
 
     def refuses_flex(gm, example_inputs, config_patches=None):
         from mst_fx.engine import graph_modules

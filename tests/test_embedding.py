@@ -116,11 +116,12 @@ def test_backend_uses_the_op_on_cuda():
 
 
 def test_lookups_marked_only_in_checkpointed_graphs():
-    """mst_fx.embedding_recompute on a joint graph: nothing in a graph without recompute tags;
+    """mst_fx.passes.joint.embedding_recompute on a joint graph: nothing in a graph without recompute tags;
     in a checkpointed one, lookups of a graph input only (a computed weight would have to be
     saved instead)."""
-    from mst_fx.embedding_recompute import EMBEDDING, mark_embeddings
     from torch.utils.checkpoint import CheckpointPolicy
+
+    from mst_fx.passes.joint.embedding_recompute import EMBEDDING, mark_embeddings
 
     graph = torch.fx.Graph()
     weight, ids = graph.placeholder("weight"), graph.placeholder("ids")

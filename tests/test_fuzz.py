@@ -15,11 +15,12 @@ import os
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from hypothesis import HealthCheck, event, given, settings, strategies as st
+from helpers import check_rewrite
+from hypothesis import HealthCheck, event, given, settings
+from hypothesis import strategies as st
 
 import mst_fx
 from mst_fx.backend import aot_eager_compiler
-from helpers import check_rewrite
 
 EXAMPLES = int(os.environ.get("MST_FX_FUZZ_EXAMPLES", "10"))
 B, S, D, V = 2, 7, 16, 64  # 14 tokens; V = 4 x D, the smallest vocabulary the head pass takes

@@ -2,10 +2,10 @@
 
 import pytest
 import torch
+from blocks import GLU
 from torch._inductor.utils import run_and_get_code
 
 import mst_fx
-from blocks import GLU
 
 
 def compiled_code(device):
@@ -29,11 +29,11 @@ def body_source(code: str, prefix: str) -> str:
 
 def test_backward_stays_chunk_by_chunk():
     """Each add of the chunks' partial weight gradients runs right after the body that
-    produced it (mst_fx.barriers), instead of in one fused kernel after the last chunk."""
+    produced it (mst_fx.passes.post_grad.barriers), instead of in one fused kernel after the last chunk."""
     code = compiled_code("cpu")
-    lines = [l.strip() for l in code.splitlines()]
-    calls = [i for i, l in enumerate(lines) if l.startswith("# subgraph: partitioned_bw_mst_mlp")]
-    barriers = [i for i, l in enumerate(lines) if l.startswith("# subgraph: mst_barrier")]
+    lines = [line.strip() for line in code.splitlines()]
+    calls = [i for i, line in enumerate(lines) if line.startswith("# subgraph: partitioned_bw_mst_mlp")]
+    barriers = [i for i, line in enumerate(lines) if line.startswith("# subgraph: mst_barrier")]
     assert len(calls) == 4 and len(barriers) == 3 * 3  # 3 weights, 3 adds each for 4 chunks
     bounds = [-1] + calls + [10**9]
     between = [sum(bounds[k] < i < bounds[k + 1] for i in barriers) for k in range(5)]

@@ -6,12 +6,13 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from hypothesis import HealthCheck, given, settings, strategies as st
+from helpers import TOL, check_rewrite
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from torch._dynamo.utils import counters
 
 import mst_fx
 from mst_fx.backend import aot_eager_compiler
-from helpers import TOL, check_rewrite
 
 H, V = 32, 160
 B, S = 2, 37  # 74 tokens: not divisible by 4 chunks
@@ -274,8 +275,7 @@ def test_hypothesis_shapes_vocab_chunks(batch, seq, vocab_mult, chunks, mode, ig
 # ---- Hugging Face causal LMs ---------------------------------------------------------------
 
 def hf_model(name, **extra):
-    from transformers import (Gemma2Config, Gemma2ForCausalLM, GPT2Config, GPT2LMHeadModel,
-                              LlamaConfig, LlamaForCausalLM)
+    from transformers import Gemma2Config, Gemma2ForCausalLM, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
     if name == "llama":

@@ -5,12 +5,12 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from blocks import LoRAGLU, LoRALinear
+from helpers import check_rewrite
 from torch.utils.checkpoint import checkpoint
 
 import mst_fx
 from mst_fx.backend import aot_eager_compiler
-from blocks import LoRAGLU, LoRALinear
-from helpers import check_rewrite
 
 H, I, V = 32, 96, 256
 CFG = mst_fx.MSTConfig(chunks=4)

@@ -2,9 +2,9 @@
 rewrite must lower the peak of a real fwd+bwd step, with the default config."""
 
 import torch
+from blocks import GLU
 
 import mst_fx
-from blocks import GLU
 from mst_fx.memory import peak_bytes
 
 

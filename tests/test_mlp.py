@@ -4,14 +4,15 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from hypothesis import HealthCheck, given, settings, strategies as st
+from blocks import GLU, Conv1DMLP, FusedGateUp, MatmulMLP, Plain, Stack, gelu_tanh, squared_relu
+from helpers import check_rewrite
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from torch._dynamo.utils import counters
 from torch.utils.checkpoint import checkpoint
 
 import mst_fx
 from mst_fx.backend import aot_eager_compiler
-from blocks import GLU, Conv1DMLP, FusedGateUp, MatmulMLP, Plain, Stack, gelu_tanh, squared_relu
-from helpers import check_rewrite
 
 H, I = 32, 96
 CFG = mst_fx.MSTConfig(chunks=4)
@@ -76,8 +77,9 @@ def _backward_mm_flops(config, model, x):
     after the post-grad pass that drops dead chunk forwards (as the backend runs it)."""
     from torch._functorch.aot_autograd import aot_module_simplified
     from torch._functorch.partitioners import min_cut_rematerialization_partition
+
     from mst_fx import engine
-    from mst_fx.dead_forwards import drop_dead_forwards
+    from mst_fx.passes.post_grad.dead_forwards import drop_dead_forwards
 
     flops = {}
 
@@ -115,7 +117,7 @@ def test_checkpointed_layer_recompute_cost(nested):
     recompute_in_checkpoint=False only the down projection re-runs inside the recomputed
     chunk (1 unit of 2*T*H*I per layer) and every chunk's intermediates are alive at once
     there. With True (the default) the layer's recompute keeps no chunk forward at all
-    (mst_fx.dead_forwards drops the calls that only pass their inputs through) and each
+    (mst_fx.passes.post_grad.dead_forwards drops the calls that only pass their inputs through) and each
     chunk's gate and up run right before its backward: no GEMM more than plain GC, one
     chunk's intermediates alive at a time."""
     x = torch.randn(2, 64, H, requires_grad=True)

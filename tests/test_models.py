@@ -4,9 +4,9 @@ BERT's residual over the MLP input. Every family without checkpointing: tests/zo
 
 import pytest
 import torch
+from helpers import check_rewrite
 
 import mst_fx
-from helpers import check_rewrite
 
 transformers = pytest.importorskip("transformers")
 

@@ -1,4 +1,5 @@
-"""pyproject maps passes/ to mst_fx.passes: both a regular and an editable install find it.
+"""pyproject maps passes/ to mst_fx.passes: both a regular and an editable install find it,
+with every stage's subpackage.
 
 Each install goes into a throwaway venv (--no-deps, so no torch there); the probe resolves
 ``mst_fx.passes`` through the import system from outside the source tree without running
@@ -21,7 +22,10 @@ parent.__path__ = list(spec.submodule_search_locations)
 sys.modules["mst_fx"] = parent
 passes = importlib.util.find_spec("mst_fx.passes")
 print(os.path.realpath(passes.origin))
-print(os.path.exists(os.path.join(os.path.dirname(passes.origin), "mlp.py")))
+here = os.path.dirname(passes.origin)
+files = ["graph/mlp.py", "graph/lm_head/emit.py", "graph/attention/prover.py",
+         "joint/embedding_recompute.py", "post_grad/pipeline.py"]
+print(all(os.path.exists(os.path.join(here, f)) for f in files))
 """
 
 

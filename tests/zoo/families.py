@@ -32,7 +32,7 @@ class Family:
     layer; a mixture-of-experts layer counts as one). ``mlp``, ``lm_head``, ``attention``:
     the rewrites expected (``mlp`` defaults to ``blocks``; ``lm_head`` is 1 where the loss
     is computed in the graph of the projection). ``note``: what is not chunked and why,
-    shown in the README table. ``context``: a context manager the compiled step runs in
+    shown in the model table (docs/models.md). ``context``: a context manager the compiled step runs in
     (a Dynamo setting the user would change).
     """
 

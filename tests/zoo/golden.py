@@ -6,7 +6,7 @@ with ``MST_FX_UPDATE_GOLDEN=1`` it writes the files instead, so a change in cove
 reviewable diff:
 
     MST_FX_UPDATE_GOLDEN=1 pytest -q -p no:cacheprovider tests/zoo
-    python tests/zoo/readme_table.py          # then the README table from the files
+    python tests/zoo/readme_table.py          # then docs/models.md's table from the files
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Every family of the zoo (tests/zoo/families.py): a compiled training step with
 mst_backend equals eager in fp32 (loss and every gradient), with the expected number of
 rewrites, as many graphs as plain Dynamo captures, and the explain report of the golden
-file (tests/zoo/golden.py). The README's family table must be the one the golden files
+file (tests/zoo/golden.py). The family table of docs/models.md must be the one the golden files
 give (tests/zoo/readme_table.py).
 
 The rewritten graphs run through AOTAutograd with eager kernels (aot_eager_compiler): the
@@ -12,16 +12,15 @@ and on every family with ``MST_FX_ZOO_INDUCTOR=1``.
 
 import os
 
+import golden
 import pytest
+import readme_table
 import torch
+from families import BATCH, FAMILIES, SEQ
+from helpers import TOL, check_rewrite
 
 import mst_fx
 from mst_fx.backend import aot_eager_compiler
-from helpers import TOL, check_rewrite
-
-import golden
-import readme_table
-from families import BATCH, FAMILIES, SEQ
 
 pytest.importorskip("transformers")
 
@@ -58,5 +57,5 @@ def test_family(name):
 
 
 def test_readme_table_is_generated_from_the_golden_files():
-    assert readme_table.in_readme() == readme_table.render(golden.load_all()), \
-        "README's family table is stale: run python tests/zoo/readme_table.py"
+    assert readme_table.in_docs() == readme_table.render(golden.load_all()), \
+        "docs/models.md's family table is stale: run python tests/zoo/readme_table.py"

@@ -3,7 +3,7 @@
 Detection (structural, no model classes): an *expanding* projection (linear, matmul,
 addmm as in HF Conv1D; out_features >= min_expansion x in_features) opens a block; every
 expanding projection of the same input joins it (gate and up of a GLU). A projection with
-LoRA adapters added (mst_fx.projections) counts as one projection. The block grows
+LoRA adapters added (mst_fx.passes.graph.projections) counts as one projection. The block grows
 forward through token-wise ops (activations, gating products, bias adds, casts, splits of
 the feature dim, views that only regroup tokens, dropout) and ends at the one
 *contracting* projection. Anything else reached on the way (an op that mixes tokens, an
@@ -20,7 +20,7 @@ Symbolic token counts (dynamic shapes): the chunk count is chosen once, from the
 Dynamo traced with, and the chunks are n // M rows each and the rest last (sizes that
 need no guard on n, so one compiled graph serves every length).
 
-Rewriting hands the block to the engine (mst_fx.chunking): a body over one chunk of
+Rewriting hands the block to the engine (mst_fx.passes.graph.chunking): a body over one chunk of
 tokens, recomputed in backward, called once per chunk through invoke_subgraph.
 """
 
@@ -32,23 +32,32 @@ from functools import partial
 
 from torch.fx import GraphModule, Node
 
-from mst_fx.chunking import (Body, bounded_chunks, build_body, chunk_rows, emit_chunk_loop,
-                             symbolic_row_labels)
+from mst_fx import fx
 from mst_fx.config import MSTConfig
-from mst_fx.projections import Projection, find
-from mst_fx.report import Region, Report, Skipped
-from mst_fx.tokenwise import (LOSS_FUNCTIONS, OpInfo, chunk_call, classify, hint, last_dim_only, numel,
-                              op_name, same_size, value)
+from mst_fx.passes.graph.chunking import (
+    Body,
+    bounded_chunks,
+    build_body,
+    chunk_rows,
+    emit_chunk_loop,
+    symbolic_row_labels,
+)
+from mst_fx.passes.graph.projections import Projection, find
+from mst_fx.passes.graph.tokenwise import (
+    LOSS_FUNCTIONS,
+    OpInfo,
+    chunk_call,
+    classify,
+    hint,
+    last_dim_only,
+    numel,
+    op_name,
+    same_size,
+    value,
+)
+from mst_fx.report import Reason, Region, Report, Skip, Skipped
 
 KIND = "mlp"
-
-
-class CantChunk(Exception):
-    """Raised inside detection; caught at the pass boundary and turned into a Skipped."""
-
-
-class NotABlock(Exception):
-    """The expanding projection feeds a loss, not a block: another pass's business."""
 
 
 @dataclass
@@ -78,15 +87,14 @@ def detect(gm: GraphModule, config: MSTConfig, checkpointed: bool, where) -> Rep
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
     claimed: set[Node] = set()
     for data, starts in starts_by_data.items():
-        bases = [p.base for p in starts]
         try:
             region = _plan(data, starts, units, config, checkpointed, order, where)
-            if claimed.intersection(region.plan.nodes):
-                raise CantChunk("overlaps a block found before it (an expansion inside a block)")
-        except NotABlock:
+        except Skip as e:  # NOT_A_REGION: the projection feeds a loss (the lm_head pass's)
+            report.skip(KIND, where([p.base for p in starts]), e)
             continue
-        except CantChunk as e:
-            report.skipped.append(Skipped(KIND, where(bases), str(e)))
+        if claimed.intersection(region.plan.nodes):
+            report.skip(KIND, where([p.base for p in starts]),
+                        Skip(Reason.ESCAPES, "overlaps a block found before it (an expansion inside a block)"))
             continue
         claimed.update(region.plan.nodes)
         report.regions.append(region)
@@ -97,12 +105,12 @@ def _grouped_experts(gm: GraphModule, where) -> list[Skipped]:
     """One Skipped per module that runs grouped GEMMs (MoE experts; see the docstring)."""
     seen: dict[str, Skipped] = {}
     for n in gm.graph.nodes:
-        name = str(getattr(n.target, "__name__", n.target))
+        name = fx.target_name(n)
         if n.op == "call_function" and "grouped_mm" in name:
             at = where([n])
             seen.setdefault(at, Skipped(KIND, at, (
                 f"mixture-of-experts grouped GEMM ({name}) over tokens sorted by expert: "
-                "chunking it needs per-chunk expert offsets, not done")))
+                "chunking it needs per-chunk expert offsets, not done"), Reason.UNSUPPORTED))
     return list(seen.values())
 
 
@@ -118,7 +126,7 @@ def rewrite(gm: GraphModule, region: Region, names: dict[str, tuple[str, str]]) 
     for rows in rows_of(region.chunks):
         key = f"{body.key}|rows={rows}"
         if key not in names:
-            names[key] = (f"mst_{KIND}_body_{len(names)}", f"mst_{KIND}_{len(names)}")
+            names[key] = fx.body_names(KIND, len(names))
         per_chunk.append((body, *names[key]))
     new = emit_chunk_loop(gm, plan.data, plan.end, per_chunk, plan.width, plan.symbolic)
     plan.end.replace_all_uses_with(new)
@@ -129,14 +137,14 @@ def rewrite(gm: GraphModule, region: Region, names: dict[str, tuple[str, str]]) 
 def _plan(data: Node, starts: list[Projection], units: dict[Node, Projection],
           config: MSTConfig, checkpointed: bool, order: dict[Node, int], where) -> Region:
     if _feeds_loss([p.out for p in starts]):
-        raise NotABlock()
+        raise Skip(Reason.NOT_A_REGION)
     dv = value(data)
     if dv is None or dv.dim() < 2:
-        raise CantChunk("input has no token dims")
+        raise Skip(Reason.SHAPE, "input has no token dims")
     width, token_count = dv.shape[-1], numel(tuple(dv.shape[:-1]))
     if not isinstance(width, int):  # dynamic=True: known equal to the weights' width
         if not same_size(width, starts[0].in_width):
-            raise CantChunk("symbolic feature width")
+            raise Skip(Reason.SYMBOLIC, "symbolic feature width")
         width = starts[0].in_width
     # With dynamic shapes the token count is symbolic: one chunk count serves every length
     # this graph runs at, planned for long ones (chunking.bounded_chunks).
@@ -148,8 +156,8 @@ def _plan(data: Node, starts: list[Projection], units: dict[Node, Projection],
     ev = value(end)
     if symbolic and (ev.dim() != dv.dim() or
                      not all(same_size(a, b) for a, b in zip(ev.shape[:-1], dv.shape[:-1]))):
-        raise CantChunk(f"symbolic token dims regrouped between the input {tuple(dv.shape)} "
-                        f"and the output {tuple(ev.shape)}")
+        raise Skip(Reason.SYMBOLIC, f"symbolic token dims regrouped between the input {tuple(dv.shape)} "
+                                    f"and the output {tuple(ev.shape)}")
 
     widths = [p.out_width for p in starts]
     itemsize = max(value(n).element_size() for n in nodes if value(n) is not None)
@@ -157,12 +165,12 @@ def _plan(data: Node, starts: list[Projection], units: dict[Node, Projection],
     chunks = _chunk_count(config, tokens, sum(widths), width, held, _weight_bytes(nodes), symbolic)
     nodes.sort(key=order.__getitem__)
     if nodes[-1] is not end:
-        raise CantChunk(f"{op_name(end)} is not the block's last node")
+        raise Skip(Reason.ESCAPES, f"{op_name(end)} is not the block's last node")
     ranks = sorted({r for p in starts + [units[end]] for r in p.ranks})
     lora = f", LoRA r={'/'.join(map(str, ranks))}" if ranks else ""
     return Region(
         kind=KIND, where=where(nodes), tokens=tokens, chunks=chunks,
-        bytes_saved=held - held // chunks,
+        bytes_saved=held - held // chunks, aliases_inputs=True,
         detail=f"{width}->{'+'.join(map(str, widths))}->{units[end].out_width}{lora}"
                + (", symbolic tokens" if symbolic else ""),
         plan=MLPPlan(data, nodes, width, checkpointed, symbolic,
@@ -199,16 +207,16 @@ def _grow(starts: list[Projection], units: dict[Node, Projection],
             if u in region:
                 continue
             if u.op == "output":
-                raise CantChunk(f"intermediate {n.name} is also an output of the graph")
+                raise Skip(Reason.ESCAPES, f"intermediate {n.name} is also an output of the graph")
             info = classify(u)
             if u.op == "call_function" and u.target in LOSS_FUNCTIONS:
-                raise NotABlock()  # a vocabulary projection: the lm_head pass's
+                raise Skip(Reason.NOT_A_REGION)  # a vocabulary projection: the lm_head pass's
             if info is None:
-                raise CantChunk(f"{op_name(u)} is not token-wise (uses {n.name})")
+                raise Skip(Reason.NOT_TOKENWISE, f"{op_name(u)} is not token-wise (uses {n.name})")
             unit = units.get(u)
             if unit is not None:  # a projection of n, with its adapters if it has any
                 if unit.data is not n:
-                    raise CantChunk(f"{n.name} is used as a weight by {op_name(u)}")
+                    raise Skip(Reason.ESCAPES, f"{n.name} is used as a weight by {op_name(u)}")
                 _check_adapter_dropout(unit, checkpointed)
                 region.update(unit.nodes)
                 if unit.out_width < unit.in_width:
@@ -218,12 +226,12 @@ def _grow(starts: list[Projection], units: dict[Node, Projection],
                 continue
             why = last_dim_only(u, info, random_ok=not checkpointed)
             if why:
-                raise CantChunk(why)
+                raise Skip(Reason.NOT_TOKENWISE, why)
             region.add(u)
             queue.append(u)
     if len(ends) != 1:
-        raise CantChunk("no contracting projection closes the block" if not ends else
-                        f"{len(ends)} contracting projections ({', '.join(e.name for e in ends)})")
+        raise Skip(Reason.UNSUPPORTED, "no contracting projection closes the block" if not ends else
+                                       f"{len(ends)} contracting projections ({', '.join(e.name for e in ends)})")
     return list(region), ends[0]
 
 
@@ -232,7 +240,7 @@ def _check_adapter_dropout(unit: Projection, checkpointed: bool) -> None:
         info = classify(m)
         why = last_dim_only(m, info, random_ok=not checkpointed) if info.kind == "dropout" else None
         if why:
-            raise CantChunk(f"LoRA adapter: {why}")
+            raise Skip(Reason.UNSUPPORTED, f"LoRA adapter: {why}")
 
 
 def _check_shapes(nodes: list[Node], data: Node, width: int, tokens: int) -> None:
@@ -243,7 +251,7 @@ def _check_shapes(nodes: list[Node], data: Node, width: int, tokens: int) -> Non
         v = value(n)
         # Views may regroup tokens ([B*S, d] <-> [B, S, d]) but never reorder them.
         if v is not None and (v.dim() < 2 or not same_size(numel(tuple(v.shape[:-1])), tokens)):
-            raise CantChunk(f"{op_name(n)} changes the token dims to {tuple(v.shape)}")
+            raise Skip(Reason.SHAPE, f"{op_name(n)} changes the token dims to {tuple(v.shape)}")
         info = classify(n)
         call = chunk_call(n, info)
         if call is None:
@@ -253,12 +261,12 @@ def _check_shapes(nodes: list[Node], data: Node, width: int, tokens: int) -> Non
                 continue
             av = value(a)
             if av is None:
-                raise CantChunk(f"{op_name(n)} reads {a.name}, which is not a tensor")
+                raise Skip(Reason.UNSUPPORTED, f"{op_name(n)} reads {a.name}, which is not a tensor")
             if _is_weight_of(n, info, a):
                 continue
             if av.dim() > 2 or any(s != 1 for s in av.shape[:-1]):
-                raise CantChunk(f"{op_name(n)} reads a second token-shaped input {a.name} "
-                                f"{tuple(av.shape)}")
+                raise Skip(Reason.NOT_TOKENWISE, f"{op_name(n)} reads a second token-shaped input {a.name} "
+                                                 f"{tuple(av.shape)}")
 
 
 def _is_weight_of(n: Node, info: OpInfo, a: Node) -> bool:
@@ -290,13 +298,13 @@ def _chunk_count(config: MSTConfig, tokens: int, expanded: int, width: int, held
         natural = math.ceil(expanded / width)
     chunks, too_few = bounded_chunks(config, tokens, natural, symbolic)
     if chunks < 2:
-        raise CantChunk(too_few)
+        raise Skip(Reason.NO_GAIN, too_few)
     if config.chunks is not None or symbolic:  # a symbolic graph also serves long lengths
         return chunks
     # Each chunk's backward makes its own partial gradient of every weight, so chunking
     # costs about the block's weight bytes; below that it saves nothing (H100, Llama-3-8B
     # MLP, 4096 tokens: 0.89 GB chunked vs 0.62 GB plain compile).
     if held <= weights:
-        raise CantChunk(f"intermediates ({held / 2**20:.1f} MiB) are no larger than the "
-                        f"weights ({weights / 2**20:.1f} MiB): chunking would not lower the peak")
+        raise Skip(Reason.NO_GAIN, f"intermediates ({held / 2**20:.1f} MiB) are no larger than the "
+                                   f"weights ({weights / 2**20:.1f} MiB): chunking would not lower the peak")
     return chunks

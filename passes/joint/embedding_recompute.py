@@ -27,7 +27,7 @@ from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_file
 from torch.fx import Graph
 from torch.utils.checkpoint import CheckpointPolicy
 
-from mst_fx.barriers import chained_uuid, custom_passes
+from mst_fx.identity import chained_uuid, custom_passes
 
 EMBEDDING = torch.ops.aten.embedding.default
 
@@ -50,7 +50,7 @@ def mark_embeddings(graph: Graph) -> int:
 
 class RecomputeEmbeddings(CustomGraphPass):
     """Inductor joint custom pass; ``chained`` is a user's own joint_custom_post_pass (one or
-    a list), run first. ``uuid()`` enters Inductor's cache keys (see barriers.ChunkBarriers)."""
+    a list), run first. ``uuid()`` enters Inductor's cache keys (see mst_fx.identity)."""
 
     def __init__(self, chained=None):
         self.chained = custom_passes(chained)

@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch.fx import Node
 
+from mst_fx.fx import op_name, target_name  # noqa: F401 - op_name: re-exported for the passes
+
 POINTWISE_FUNCTIONS = {
     F.silu, F.gelu, F.relu, F.relu6, F.leaky_relu, F.elu, F.selu, F.celu, F.mish,
     F.softplus, F.hardswish, F.hardsigmoid, F.hardtanh, F.sigmoid, F.tanh,
@@ -69,14 +71,6 @@ def value(node) -> torch.Tensor | None:
         return None
     v = node.meta.get("example_value")
     return v if isinstance(v, torch.Tensor) else None
-
-
-def static_shape(t: torch.Tensor) -> tuple[int, ...] | None:
-    """The shape as ints, or None when any dim is symbolic."""
-    try:
-        return tuple(int(s) for s in t.shape) if all(isinstance(s, int) for s in t.shape) else None
-    except Exception:  # noqa: BLE001 - symbolic ints refuse int() without a hint
-        return None
 
 
 def classify(node: Node) -> OpInfo | None:
@@ -142,7 +136,7 @@ def last_dim_only(node: Node, info: OpInfo, random_ok: bool = False) -> str | No
     if info.kind == "view":  # the identity on a chunk only if the feature dim stays as it is
         out = value(node)
         if src is None or out is None or out.dtype != src.dtype or out.shape[-1] != src.shape[-1]:
-            return f"{_name(node)} changes the feature dim or dtype"
+            return f"{target_name(node)} changes the feature dim or dtype"
         return None
     if info.kind == "dropout":
         p = arg_of(node, 1, "p", 0.5)
@@ -153,7 +147,7 @@ def last_dim_only(node: Node, info: OpInfo, random_ok: bool = False) -> str | No
         return None
     if info.kind == "split":
         dim = arg_of(node, 2, "dim", 0)
-        return None if _is_last(dim, src) else f"{_name(node)} splits dim {dim}, not the feature dim"
+        return None if _is_last(dim, src) else f"{target_name(node)} splits dim {dim}, not the feature dim"
     if info.kind == "slice":
         if node.target in (torch.narrow, "narrow"):
             dim = arg_of(node, 1, "dim", 0)
@@ -218,15 +212,6 @@ def _feature_index(index, ndim: int):
     if any(p != slice(None) for p in parts[:-1]):
         return None
     return parts[-1]
-
-
-def _name(node: Node) -> str:
-    return node.target if isinstance(node.target, str) else getattr(node.target, "__name__", str(node.target))
-
-
-def op_name(node: Node) -> str:
-    """A short readable name for reasons in reports."""
-    return f"{node.name} ({_name(node)})"
 
 
 def numel(shape: tuple[int, ...]) -> int:

@@ -1,6 +1,6 @@
 """The rewrite engine: turn a detected token-wise region into a loop over mini-sequences.
 
-Mechanism (measured choices, see README "Design"):
+Mechanism (measured choices, see docs/design.md):
 - The region's nodes are copied into a *body* GraphModule that takes one chunk of tokens
   ``[n, d]`` plus the region's other inputs (weights, biases) whole.
 - The body is wrapped in ``tag_activation_checkpoint``, so autograd keeps only the body's
@@ -28,7 +28,8 @@ import torch
 from torch.fx import Graph, GraphModule, Node
 from torch.fx.node import map_arg
 
-from mst_fx.tokenwise import chunk_call, classify, value
+from mst_fx import fx
+from mst_fx.passes.graph.tokenwise import chunk_call, classify, value
 
 
 @dataclass
@@ -78,7 +79,7 @@ def build_body(owner: GraphModule, nodes: list[Node], data: Node, end: Node,
     inner.output((env[end],))
     wrapped = GraphModule(owner, inner)
 
-    module = _checkpointed(wrapped, len(externals) + 1 + sizes) if checkpoint else wrapped
+    module = checkpoint_wrapped(wrapped, len(externals) + 1 + sizes) if checkpoint else wrapped
     shapes = [tuple(value(e).shape) if value(e) is not None else repr(e) for e in externals]
     key = f"{wrapped.code}|{checkpoint}|{shapes}|{_dtypes(externals)}|sizes={sizes}"
     return Body(module, externals, key)
@@ -101,17 +102,15 @@ def emit_chunk_loop(owner: GraphModule, data: Node, end: Node, bodies: list[tupl
         it = iter(sizes)
         out_shape = tuple(s if isinstance(s, int) else next(it) for s in ev.shape[:-1]) + (ev.shape[-1],)
         flat = g.call_method("reshape", (data, (-1, width)))
-        parts = g.call_function(torch.split, (flat, symbolic_rows(g, flat, len(bodies)))) \
-            if symbolic else g.call_function(torch.tensor_split, (flat, len(bodies)))
+        parts = split_tokens(g, flat, len(bodies), symbolic)
         outs = []
         for i, (body, attr, ident) in enumerate(bodies):
             if not hasattr(owner, attr):
                 owner.add_submodule(attr, body.module)
             piece = g.call_function(operator.getitem, (parts, i))
-            call = g.call_function(torch.ops.higher_order.invoke_subgraph,
+            call = g.call_function(fx.INVOKE,
                                    (g.get_attr(attr), ident, piece, *body.externals, *sizes))
-            y = g.call_function(operator.getitem, (call, 0))
-            outs.append(g.call_function(operator.mul, (y, 1.0)))
+            outs.append(fresh(g, g.call_function(operator.getitem, (call, 0))))
         joined = g.call_function(torch.cat, (outs,))
         result = g.call_method("reshape", (joined, out_shape))
     result.meta["example_value"] = end.meta.get("example_value")
@@ -137,6 +136,20 @@ def bounded_chunks(config, tokens: int, natural: int, symbolic: bool = False) ->
             f"{tokens} tokens give fewer than 2 chunks of min_chunk_tokens={config.min_chunk_tokens}")
 
 
+def split_tokens(g: Graph, t: Node, chunks: int, symbolic: bool, rows: list | None = None) -> Node:
+    """The node splitting ``t`` (tokens first) into ``chunks`` pieces: tensor_split for a
+    static token count, split at ``rows`` (default symbolic_rows of ``t``) for a symbolic one."""
+    if not symbolic:
+        return g.call_function(torch.tensor_split, (t, chunks))
+    return g.call_function(torch.split, (t, rows if rows is not None else symbolic_rows(g, t, chunks)))
+
+
+def fresh(g: Graph, y: Node) -> Node:
+    """``y * 1.0``: a fresh tensor per chunk output, so that every chunk's incoming gradient
+    has the same metadata and one backward body serves all chunks."""
+    return g.call_function(operator.mul, (y, 1.0))
+
+
 def symbolic_rows(g: Graph, flat: Node, chunks: int) -> list:
     """Row counts for a symbolic token count n: M-1 chunks of n // M and the rest last.
     (tensor_split's sizes depend on n % M, so it would guard on it: a recompile whenever
@@ -158,12 +171,12 @@ def chunk_rows(tokens: int, chunks: int) -> list[int]:
     return [q + 1] * r + [q] * (chunks - r)
 
 
-def _checkpointed(inner: GraphModule, n_inputs: int, n_outputs: int = 1) -> GraphModule:
+def checkpoint_wrapped(inner: GraphModule, n_inputs: int, n_outputs: int = 1) -> GraphModule:
     """A module calling ``inner`` under activation checkpointing (what Dynamo emits for
     ``torch.utils.checkpoint.checkpoint(fn, ..., use_reentrant=False)``)."""
     g = Graph()
     args = [g.placeholder(f"arg_{i}") for i in range(n_inputs)]
-    out = g.call_function(torch.ops.higher_order.tag_activation_checkpoint,
+    out = g.call_function(fx.CHECKPOINT,
                           (g.get_attr("body"), *args), {"use_reentrant": False})
     g.output(tuple(g.call_function(operator.getitem, (out, i)) for i in range(n_outputs)))
     root = torch.nn.Module()

@@ -42,7 +42,7 @@ def block_mask(mask_mod, B: int, H: int, Q: int, KV: int, device, *buffers) -> t
 def layout(parts: tuple, q_len=None, kv_len=None) -> tuple:
     """``parts`` (a block_mask tuple) with its tensors replaced by TENSOR and its symbolic
     ints, which must be the query or key length, by Q_LEN / KV_LEN (ValueError otherwise)."""
-    from mst_fx.tokenwise import same_size
+    from mst_fx.passes.graph.tokenwise import same_size
 
     out = []
     for p in parts:

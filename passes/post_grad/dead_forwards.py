@@ -23,8 +23,7 @@ import torch
 from torch._dynamo.utils import counters
 from torch.fx import Graph, GraphModule, Node
 
-INVOKE = torch.ops.higher_order.invoke_subgraph
-FORWARD_PREFIX = "partitioned_fw_mst_"
+from mst_fx import fx
 
 
 def drop_dead_forwards(graph: Graph) -> int:
@@ -58,8 +57,7 @@ def drop_dead_forwards(graph: Graph) -> int:
 
 
 def _is_mst_forward(node: Node) -> bool:
-    return node.op == "call_function" and node.target is INVOKE \
-        and isinstance(node.args[1], str) and node.args[1].startswith(FORWARD_PREFIX) \
+    return node.op == "call_function" and node.target is fx.INVOKE and fx.is_forward_body(node.args[1]) \
         and isinstance(node.args[0], Node) and node.args[0].op == "get_attr"
 
 

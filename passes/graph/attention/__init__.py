@@ -5,13 +5,13 @@ S x S boolean mask from index comparisons and call scaled_dot_product_attention 
 which rules out the flash kernel and costs S^2 bytes. This pass looks at every
 scaled_dot_product_attention call, in the graph and in its activation-checkpointed bodies,
 follows attn_mask back to the graph that computed it, reads the mask back as a function of
-(batch, head, q, kv) (mst_fx.masks.extract) and decides (mst_fx.masks.prove):
+(batch, head, q, kv) (masks.extract, beside this file) and decides (prover.prove):
 
 - "causal": provably kv <= q with as many queries as keys: the mask is dropped and the
   call gets is_causal=True. "full": provably always true: the mask is dropped.
 - "flex": any other mask of that form (packed sequences through position ids, padding,
   sliding windows, prefix-LM): the call becomes flex_attention with that function as its
-  mask_mod and a block mask computed once per mask (mst_fx.flex), so memory is O(S) and
+  mask_mod and a block mask computed once per mask (mst_fx.passes.graph.attention.flex), so memory is O(S) and
   fully masked blocks are skipped. By default only on CUDA (MSTConfig.flex_attention):
   torch's CPU flex kernel has no backward. It has no dropout either.
 - unchanged, with the reason: masks that read an S x S tensor or ops it cannot follow,
@@ -21,8 +21,8 @@ follows attn_mask back to the graph that computed it, reads the mask back as a f
 
 Grouped-query attention: HF repeats each key/value head for its group of query heads
 (``repeat_kv``: unsqueeze, expand, reshape) before SDPA when it builds a mask, torchtitan
-does the same before moving the heads first, others call repeat_interleave. Where an SDPA call stays an SDPA call, keys and
-values that are repeated this way are passed unrepeated with enable_gqa=True (the same
+does the same before moving the heads first, others call repeat_interleave. Where an SDPA
+call stays an SDPA call, keys and values that are repeated this way are passed unrepeated with enable_gqa=True (the same
 head grouping): the repeated copies and their full-head gradients are never built
 (one call on an H100 at 64k tokens, 32/8 heads: 1.76 -> 1.36 GB, time unchanged with
 cuDNN's kernel; benchmarks/bench_gqa.py).
@@ -48,30 +48,18 @@ import torch
 import torch.nn.functional as F
 from torch.fx import GraphModule, Node
 
-from mst_fx import flex
+from mst_fx import fx
 from mst_fx.config import MSTConfig
-from mst_fx.masks import (MaskMod, NotAMaskMod, constant_value, diagonal_allowed, extract, mask_sizes,
-                          prove)
-from mst_fx.report import Region, Report, Skipped
-from mst_fx.tokenwise import arg_of, hint, same_size, size_node, value
+from mst_fx.fx import Step
+from mst_fx.passes.graph.attention import flex
+from mst_fx.passes.graph.attention.masks import MaskMod, extract, mask_sizes
+from mst_fx.passes.graph.attention.prover import constant_value, diagonal_allowed, prove
+from mst_fx.passes.graph.tokenwise import arg_of, hint, same_size, size_node, value
+from mst_fx.report import Reason, Region, Report, Skip, Skipped
 
 KIND = "attention"
 SDPA = {torch._C._nn.scaled_dot_product_attention, F.scaled_dot_product_attention}
-CHECKPOINT = torch.ops.higher_order.tag_activation_checkpoint
 SDPA_ARGS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
-
-
-class CantRewrite(Exception):
-    """Raised inside detection; caught per call and turned into a Skipped."""
-
-
-@dataclass
-class Step:
-    """One activation-checkpoint level between the mask's graph and the call's."""
-
-    parent: GraphModule
-    call: Node  # the tag_activation_checkpoint node in parent
-    body: GraphModule
 
 
 @dataclass
@@ -105,7 +93,8 @@ def detect(gm: GraphModule, config: MSTConfig, checkpointed: bool, where) -> Rep
     if checkpointed:
         return report
     shared, counted = Shared(), set()
-    for owner, path in _modules(gm, []):
+    for owner, steps in fx.checkpoint_bodies(gm):
+        path = list(steps)
         for n in list(owner.graph.nodes):
             try:
                 if n.op == "call_function" and n.target in SDPA:
@@ -117,11 +106,12 @@ def detect(gm: GraphModule, config: MSTConfig, checkpointed: bool, where) -> Rep
                     region = _plan_eager(eager, owner, path, shared, where, config)
                 else:
                     continue
-            except (CantRewrite, NotAMaskMod) as e:
-                report.skipped.append(Skipped(KIND, where([n]), str(e)))
+            except Skip as e:
+                report.skip(KIND, where([n]), e)
                 continue
             except Exception as e:  # noqa: BLE001 - a graph this pass misreads stays as it is
-                report.skipped.append(Skipped(KIND, where([n]), f"could not read this attention: {e!r}"))
+                report.skipped.append(Skipped(KIND, where([n]), f"could not read this attention: {e!r}",
+                                              Reason.FAILED))
                 continue
             if region.plan.eager is None and region.plan.mask is not None:
                 # an SDPA mask is stored once, whoever reads it
@@ -182,16 +172,6 @@ def _touched(plan: AttentionPlan) -> list[GraphModule]:
     return list({id(m): m for m in mods}.values())
 
 
-def _modules(gm: GraphModule, path: list[Step]):
-    """``gm`` and its checkpointed bodies, each with the steps that lead to it."""
-    yield gm, path
-    for n in gm.graph.nodes:
-        if n.op == "call_function" and n.target is CHECKPOINT and n.args[0].op == "get_attr":
-            body = getattr(gm, n.args[0].target)
-            if isinstance(body, GraphModule):
-                yield from _modules(body, path + [Step(gm, n, body)])
-
-
 def _plan(n: Node, owner: GraphModule, path: list[Step], shared: Shared, where,
           config: MSTConfig) -> Region:
     args = {name: arg_of(n, i, name) for i, name in enumerate(SDPA_ARGS)}
@@ -200,12 +180,12 @@ def _plan(n: Node, owner: GraphModule, path: list[Step], shared: Shared, where,
     if mask is None:
         what = "is_causal=True" if args["is_causal"] else "no mask"
         if shared_kv is None:
-            raise CantRewrite(f"{what}: nothing to do")
+            raise Skip(Reason.NO_GAIN, f"{what}: nothing to do")
         return Region(kind=KIND, where=where([n]), tokens=hint(value(q).shape[2]), chunks=0,
                       bytes_saved=gqa_bytes, detail=f"{what}; {gqa}",
                       plan=AttentionPlan(n, owner, [], None, "kept", {}, None, shared, shared_kv=shared_kv))
     if not isinstance(mask, Node):
-        raise CantRewrite("the mask is not a graph value")
+        raise Skip(Reason.MASK, "the mask is not a graph value")
     mask, path = _outer(mask, path)
     _check_unshared(path)
     sizes = mask_sizes(q, k)
@@ -221,11 +201,11 @@ def _plan(n: Node, owner: GraphModule, path: list[Step], shared: Shared, where,
         qv = value(q)
         dropout = args["dropout_p"]
         if dropout not in (None, 0, 0.0):
-            raise CantRewrite(f"dropout_p={dropout} inside attention: flex_attention has none "
-                              f"(mask kept: {verdict.reason})")
+            raise Skip(Reason.RANDOM, f"dropout_p={dropout} inside attention: flex_attention has none "
+                                      f"(mask kept: {verdict.reason})")
         if not _flex_allowed(config, qv):
-            raise CantRewrite(f"mask kept: {verdict.reason}; flex_attention={config.flex_attention!r} "
-                              f"and the device is {qv.device.type}")
+            raise Skip(Reason.MASK, f"mask kept: {verdict.reason}; flex_attention={config.flex_attention!r} "
+                                    f"and the device is {qv.device.type}")
         reads = ", ".join(b.name for b in mm.buffers) or "only the indices"
         detail = f"flex: {verdict.reason} (mask_mod reads {reads})"
         mode = "flex"
@@ -234,7 +214,7 @@ def _plan(n: Node, owner: GraphModule, path: list[Step], shared: Shared, where,
     if mode == "flex":
         plan.layout = _fake_layout(plan)
     return Region(kind=KIND, where=where([n]), tokens=hint(sizes["q"]), chunks=0, bytes_saved=held,
-                  detail=detail + _symbolic_note(sizes), plan=plan)
+                  detail=detail + _symbolic_note(sizes), flex=mode == "flex", plan=plan)
 
 
 def _symbolic_note(sizes: dict) -> str:
@@ -326,7 +306,7 @@ def _check_unshared(path: list[Step]) -> None:
     for s in path:
         if len(s.parent.graph.find_nodes(op="get_attr", target=s.call.args[0].target)) != 1 or \
                 len(s.call.args[0].users) != 1:
-            raise CantRewrite("a checkpointed body shared by several calls")
+            raise Skip(Reason.UNSUPPORTED, "a checkpointed body shared by several calls")
 
 
 # ---------------------------------------------------------------------------------------
@@ -362,7 +342,7 @@ def _is_softmax(n: Node) -> bool:
 
 def match_eager(softmax: Node) -> EagerAttention | None:
     """The written-out attention around ``softmax``, or None if it is not one (a softmax
-    elsewhere); raises CantRewrite for an attention it recognizes but cannot take."""
+    elsewhere); raises Skip for an attention it recognizes but cannot take."""
     dim = arg_of(softmax, 1, "dim")
     x = softmax.args[0]
     if dim not in (-1, 3) or not isinstance(x, Node):
@@ -375,7 +355,7 @@ def match_eager(softmax: Node) -> EagerAttention | None:
                 (u.op == "call_function" and u.target in (F.dropout, torch.dropout)):
             if u.target in (F.dropout, torch.dropout) and arg_of(u, 1, "p", 0.5) not in (0, 0.0) \
                     and arg_of(u, 2, "training", True):
-                raise CantRewrite("attention dropout p > 0 in training: flex_attention has none")
+                raise Skip(Reason.RANDOM, "attention dropout p > 0 in training: flex_attention has none")
             p = u
             continue
         break
@@ -391,12 +371,12 @@ def match_eager(softmax: Node) -> EagerAttention | None:
         a, b = x.args[:2]
         scores, mask = (a, b) if _float_mask(b) else (b, a) if _float_mask(a) else (None, None)
         if scores is None:
-            raise CantRewrite("scores plus a term that is not an additive mask")
+            raise Skip(Reason.MASK, "scores plus a term that is not an additive mask")
         x = scores
     chain = []
     while not (x.op == "call_function" and x.target in (torch.matmul, operator.matmul)):
         if len(x.users) != 1 or not _score_op(x):
-            raise CantRewrite(f"scores go through {x.name}, which is not a constant elementwise op")
+            raise Skip(Reason.NOT_TOKENWISE, f"scores go through {x.name}, which is not a constant elementwise op")
         chain.append(x)
         x = x.args[0] if isinstance(x.args[0], Node) else x.args[1]
     qk = x
@@ -410,7 +390,7 @@ def match_eager(softmax: Node) -> EagerAttention | None:
     if any(value(t) is None or value(t).dim() != 4 for t in (q, k, v)):
         return None
     if value(q).shape[1] != value(k).shape[1]:
-        raise CantRewrite("written-out attention with fewer key heads than query heads")
+        raise Skip(Reason.UNSUPPORTED, "written-out attention with fewer key heads than query heads")
     return EagerAttention(q, k, v, end, mask, _score_mod(list(reversed(chain))),
                           list(end.all_input_nodes))
 
@@ -455,7 +435,7 @@ def _bool_of(mask: Node) -> Node:
         keep, zero, neg = mask.args
         if _is_zero(zero) and isinstance(neg, (int, float)) and neg <= NEG_LARGE and isinstance(keep, Node):
             return keep
-    raise CantRewrite(f"additive mask {mask.name} is not where(mask, 0, very negative)")
+    raise Skip(Reason.MASK, f"additive mask {mask.name} is not where(mask, 0, very negative)")
 
 
 def _is_zero(x) -> bool:
@@ -473,8 +453,8 @@ def _plan_eager(e: EagerAttention, owner: GraphModule, path: list[Step], shared:
                 config: MSTConfig) -> Region:
     qv = value(e.query)
     if not _flex_allowed(config, qv):
-        raise CantRewrite(f"written-out attention left as it is: flex_attention="
-                          f"{config.flex_attention!r} and the device is {qv.device.type}")
+        raise Skip(Reason.UNSUPPORTED, f"written-out attention left as it is: flex_attention="
+                                       f"{config.flex_attention!r} and the device is {qv.device.type}")
     sizes = mask_sizes(e.query, e.key)
     if e.mask is None:
         mask, path, mm = None, [], _no_mask()
@@ -487,8 +467,8 @@ def _plan_eager(e: EagerAttention, owner: GraphModule, path: list[Step], shared:
         if not diagonal_allowed(mm, sizes):
             # A row with no key allowed: eager averages it (its additive mask is finite),
             # flex_attention gives zeros. Only take masks where that cannot happen.
-            raise CantRewrite(f"written-out attention left as it is: a query may have no key "
-                              f"to attend to (padding?), where flex_attention would differ ({why})")
+            raise Skip(Reason.MASK, f"written-out attention left as it is: a query may have no key "
+                                    f"to attend to (padding?), where flex_attention would differ ({why})")
     _check_unshared(path)
     ops = ", ".join(_op_text(n) for n in e.score_mod.graph.nodes if n.op in ("call_function", "call_method"))
     detail = f"flex: written-out attention, score_mod {ops or 'none'}; {why}"
@@ -496,7 +476,7 @@ def _plan_eager(e: EagerAttention, owner: GraphModule, path: list[Step], shared:
     plan.layout = _fake_layout(plan)
     return Region(kind=KIND, where=where([e.end]), tokens=hint(sizes["q"]), chunks=0,
                   bytes_saved=math.prod(hint(v) for v in sizes.values()) * 4,
-                  detail=detail + _symbolic_note(sizes), plan=plan)
+                  detail=detail + _symbolic_note(sizes), flex=True, plan=plan)
 
 
 def _no_mask() -> MaskMod:
@@ -507,7 +487,7 @@ def _no_mask() -> MaskMod:
 
 
 def _op_text(n: Node) -> str:
-    name = n.target if isinstance(n.target, str) else getattr(n.target, "__name__", "?")
+    name = fx.target_name(n)
     consts = [repr(a) for a in n.args if isinstance(a, (int, float))]
     return name + (f" {consts[0]}" if consts else "")
 
@@ -521,10 +501,10 @@ def _outer(node: Node, path: list[Step]) -> tuple[Node, list[Step]]:
         i = [p for p in step.body.graph.nodes if p.op == "placeholder"].index(node)
         operands = step.call.args[1:]
         if i >= len(operands) or not isinstance(operands[i], Node):
-            raise CantRewrite("a checkpointed body argument it cannot follow")
+            raise Skip(Reason.UNSUPPORTED, "a checkpointed body argument it cannot follow")
         node, k = operands[i], k - 1
     if node.op == "placeholder":
-        raise CantRewrite("the mask is a graph input (computed outside the compiled graph)")
+        raise Skip(Reason.MASK, "the mask is a graph input (computed outside the compiled graph)")
     return node, path[k:]
 
 
@@ -595,10 +575,10 @@ def _fake_layout(plan: AttentionPlan) -> tuple:
     qv = value(plan.call.args[0])
     bufs = [value(b) for b in mm.buffers]
     if any(not isinstance(b, FakeTensor) for b in bufs):
-        raise CantRewrite("the mask's inputs have no single fake-tensor mode")
+        raise Skip(Reason.MASK, "the mask's inputs have no single fake-tensor mode")
     modes = {id(t.fake_mode): t.fake_mode for t in bufs + [qv] if isinstance(t, FakeTensor)}
     if len(modes) > 1:
-        raise CantRewrite("the mask's inputs have no single fake-tensor mode")
+        raise Skip(Reason.MASK, "the mask's inputs have no single fake-tensor mode")
     mode = next(iter(modes.values())) if modes else FakeTensorMode()
     # The python dispatcher runs the decompositions that symbolic sizes need (padding to
     # whole blocks), as AOTAutograd does when it traces the same call.
@@ -607,13 +587,13 @@ def _fake_layout(plan: AttentionPlan) -> tuple:
     try:
         return flex.layout(parts, Q, KV)
     except ValueError as e:
-        raise CantRewrite(str(e)) from None
+        raise Skip(Reason.MASK, str(e)) from None
 
 
 def _attr(mod: GraphModule, fn: GraphModule, shared: Shared) -> str:
     key = (id(mod), id(fn))
     if key not in shared.attrs:
-        name = f"mst_attention_mod_{len(shared.attrs)}"
+        name = fx.attr_name(f"attention_mod_{len(shared.attrs)}")
         mod.add_submodule(name, fn)
         shared.attrs[key] = name
     return shared.attrs[key]
@@ -628,7 +608,7 @@ def _thread(x: Node, path: list[Step], shared: Shared) -> Node:
             step.call.args = (*step.call.args, x)
             last = [p for p in step.body.graph.nodes if p.op == "placeholder"][-1]
             with step.body.graph.inserting_after(last):
-                ph = step.body.graph.placeholder(f"mst_{x.name}")
+                ph = step.body.graph.placeholder(fx.attr_name(x.name))
             ph.meta["example_value"] = x.meta.get("example_value")
             shared.threaded[key] = ph
         x = shared.threaded[key]

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 from torch.fx import Graph, Node
 
-from mst_fx.tokenwise import classify
+from mst_fx.passes.graph.tokenwise import classify
 
 ADD = {operator.add, torch.add}
 MUL = {operator.mul, torch.mul}

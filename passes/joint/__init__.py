@@ -1,0 +1,1 @@
+"""Passes over AOTAutograd's joint forward-backward graph, before the partitioner."""

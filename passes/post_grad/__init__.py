@@ -1,0 +1,1 @@
+"""Passes over Inductor's post-grad graphs (forward and backward, after partitioning)."""
