@@ -273,7 +273,8 @@ def registered_backend(gm: torch.fx.GraphModule, example_inputs, *, options: dic
 def explain(model_or_fn, *args, config: MSTConfig | None = None, **kwargs) -> Report:
     """Capture ``model_or_fn(*args, **kwargs)`` with Dynamo and report what mst_fx would
     chunk and what it would leave, and why. Runs the forward once, eagerly; nothing is
-    compiled by Inductor and nothing is rewritten.
+    compiled by Inductor and nothing is chunked (the normalizations detection reads the
+    graph after, which keep every value, are applied: see mst_fx.engine.normalize).
 
     Example:
         >>> print(explain(model, input_ids, labels=labels, config=MSTConfig(chunks=4)))
@@ -282,6 +283,7 @@ def explain(model_or_fn, *args, config: MSTConfig | None = None, **kwargs) -> Re
     report = Report()
 
     def capture(gm, example_inputs):
+        engine.normalize(gm)
         for _, found in engine.detect(gm, config):
             report.extend(found)
         return gm.forward

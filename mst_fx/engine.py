@@ -44,10 +44,32 @@ def detect(gm: GraphModule, config: MSTConfig) -> list[tuple[GraphModule, Report
     return out
 
 
+def normalize(gm: GraphModule) -> int:
+    """The value-preserving normalizations detection relies on (passes/graph/normalize.py:
+    a loss the model's code split over tokens, joined back), on ``gm`` and its checkpoint
+    bodies; returns how many were made (also ``counters["mst_fx_graph"]``)."""
+    from torch._dynamo.utils import counters
+
+    from mst_fx.passes.graph.normalize import merge_token_splits
+
+    total = 0
+    for mod, _ in graph_modules(gm):
+        merged = merge_token_splits(mod)
+        if merged:
+            mod.graph.lint()
+            mod.recompile()
+            fill_example_values(mod)
+            counters["mst_fx_graph"]["merged_token_splits"] += merged
+            total += merged
+    return total
+
+
 def rewrite(gm: GraphModule, config: MSTConfig) -> Report:
-    """Detect and apply every region; returns the combined Report (regions marked applied)."""
+    """Normalize, then detect and apply every region; returns the combined Report (regions
+    marked applied)."""
     from mst_fx.passes import PASSES
 
+    normalize(gm)
     total = Report()
     names: dict[str, tuple[str, str]] = {}
     for mod, report in detect(gm, config):

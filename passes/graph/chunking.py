@@ -29,7 +29,7 @@ from torch.fx import Graph, GraphModule, Node
 from torch.fx.node import map_arg
 
 from mst_fx import fx
-from mst_fx.passes.graph.tokenwise import chunk_call, classify, value
+from mst_fx.passes.graph.tokenwise import chunk_call, classify, module_attr, value
 
 
 @dataclass
@@ -52,8 +52,12 @@ def build_body(owner: GraphModule, nodes: list[Node], data: Node, end: Node,
     calls = [(n, chunk_call(n, classify(n))) for n in nodes]
     externals: list[Node] = []
 
+    attrs: list[Node] = []  # submodules an op calls (autograd.Function bodies): copied
+
     def collect(a: Node) -> Node:
-        if a is not data and a not in region and a not in externals:
+        if module_attr(a):
+            attrs.append(a)
+        elif a is not data and a not in region and a not in externals:
             externals.append(a)
         return a
 
@@ -67,6 +71,8 @@ def build_body(owner: GraphModule, nodes: list[Node], data: Node, end: Node,
         env[e] = inner.placeholder(f"ext_{i}")
     for i in range(sizes):
         inner.placeholder(f"size_{i}")
+    for a in attrs:
+        env[a] = inner.get_attr(a.target)
     for n, call in calls:
         if call is None:
             env[n] = env[n.args[0]]

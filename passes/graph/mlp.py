@@ -50,6 +50,7 @@ from mst_fx.passes.graph.tokenwise import (
     classify,
     hint,
     last_dim_only,
+    module_attr,
     numel,
     op_name,
     same_size,
@@ -90,8 +91,10 @@ def detect(gm: GraphModule, config: MSTConfig, checkpointed: bool, where) -> Rep
         try:
             region = _plan(data, starts, units, config, checkpointed, order, where)
         except Skip as e:  # NOT_A_REGION: the projection feeds a loss (the lm_head pass's)
-            report.skip(KIND, where([p.base for p in starts]), e)
-            continue
+            region = _without_strays(data, starts, units, config, checkpointed, order, where, report)
+            if region is None:
+                report.skip(KIND, where([p.base for p in starts]), e)
+                continue
         if claimed.intersection(region.plan.nodes):
             report.skip(KIND, where([p.base for p in starts]),
                         Skip(Reason.ESCAPES, "overlaps a block found before it (an expansion inside a block)"))
@@ -99,6 +102,36 @@ def detect(gm: GraphModule, config: MSTConfig, checkpointed: bool, where) -> Rep
         claimed.update(region.plan.nodes)
         report.regions.append(region)
     return report
+
+
+def _without_strays(data: Node, starts: list[Projection], units: dict[Node, Projection], config: MSTConfig,
+                    checkpointed: bool, order: dict[Node, int], where, report: Report) -> Region | None:
+    """The block of ``starts`` less the projections that do not reach its contracting
+    projection, after the whole group failed: in a parallel block, attention's fused QKV
+    (3x the width) reads the MLP's input too, and grows into the head reshape instead of the
+    MLP's down projection. Each start is grown alone; those that close at one contracting
+    projection are the block (the most of them), the others are skipped with their own
+    reason. None unless some starts close alone, all at one projection, and others do not
+    (the group's reason stands)."""
+    if len(starts) < 2:
+        return None
+    by_end: dict[Node, list[Projection]] = {}
+    strays: list[tuple[Projection, Skip]] = []
+    for p in starts:
+        try:
+            by_end.setdefault(_grow([p], units, checkpointed)[1], []).append(p)
+        except Skip as e:
+            strays.append((p, e))
+    if len(by_end) != 1 or not strays:
+        return None
+    (group,) = by_end.values()
+    try:
+        region = _plan(data, group, units, config, checkpointed, order, where)
+    except Skip:
+        return None
+    for p, e in strays:
+        report.skip(KIND, where([p.base]), e)
+    return region
 
 
 def _grouped_experts(gm: GraphModule, where) -> list[Skipped]:
@@ -130,8 +163,12 @@ def rewrite(gm: GraphModule, region: Region, names: dict[str, tuple[str, str]]) 
         per_chunk.append((body, *names[key]))
     new = emit_chunk_loop(gm, plan.data, plan.end, per_chunk, plan.width, plan.symbolic)
     plan.end.replace_all_uses_with(new)
+    attrs = [a for n in plan.nodes for a in n.all_input_nodes if module_attr(a)]
     for n in reversed(plan.nodes):
         gm.graph.erase_node(n)
+    for a in dict.fromkeys(attrs):  # now only the chunk body calls them
+        if not a.users:
+            gm.graph.erase_node(a)
 
 
 def _plan(data: Node, starts: list[Projection], units: dict[Node, Projection],
@@ -257,7 +294,7 @@ def _check_shapes(nodes: list[Node], data: Node, width: int, tokens: int) -> Non
         if call is None:
             continue
         for a in _input_nodes(call):
-            if a is data or a in region:
+            if a is data or a in region or module_attr(a):
                 continue
             av = value(a)
             if av is None:

@@ -45,6 +45,8 @@ VIEW_METHODS = {"view", "reshape", "flatten"}
 VIEW_FUNCTIONS = {torch.reshape, torch.flatten}
 SPLIT_METHODS = {"chunk", "split", "tensor_split"}
 SPLIT_FUNCTIONS = {torch.chunk, torch.split, torch.tensor_split}
+AUTOGRAD_FUNCTION = torch.ops.higher_order.autograd_function_apply
+_SET_GRAD = torch._C._set_grad_enabled
 # Losses over the classes (vocabulary) of each token; the lm_head pass ends at these.
 LOSS_FUNCTIONS = {F.cross_entropy, F.nll_loss}
 
@@ -107,6 +109,8 @@ def classify(node: Node) -> OpInfo | None:
             return OpInfo("slice")
         if t is torch.narrow:
             return OpInfo("slice")
+        if t is AUTOGRAD_FUNCTION and _pointwise_function(node):
+            return OpInfo("pointwise")
         return None
     if node.op == "call_method":
         m = node.target
@@ -184,6 +188,33 @@ def chunk_call(node: Node, info: OpInfo):
         index = _feature_index(node.args[1], value(node.args[0]).dim())
         return (node.op, node.target, (node.args[0], (Ellipsis, index)), {})
     return (node.op, node.target, node.args, node.kwargs)
+
+
+def _pointwise_function(node: Node) -> bool:
+    """A ``torch.autograd.Function`` (Dynamo's autograd_function_apply of a forward and a
+    backward body) whose two bodies are pointwise throughout: then it is token-wise and its
+    gradient per chunk is the chunk of its gradient. Anything else in either body (a
+    reduction, a view, a matmul, an op not known here) and it is not."""
+    owner = node.graph.owning_module
+    bodies = [getattr(owner, a.target, None) for a in node.args[:2] if isinstance(a, Node) and a.op == "get_attr"]
+    if len(bodies) != 2 or owner is None or not all(isinstance(b, torch.fx.GraphModule) for b in bodies):
+        return False
+    for body in bodies:
+        for m in body.graph.nodes:
+            if m.op in ("placeholder", "output") or (m.op == "call_function" and m.target is _SET_GRAD):
+                continue
+            info = classify(m)
+            if info is None or info.kind != "pointwise":
+                return False
+    return True
+
+
+def module_attr(node) -> bool:
+    """A get_attr node of a submodule (an autograd.Function's body): copied into a chunk
+    body as it is, not passed to it as a value."""
+    if not (isinstance(node, Node) and node.op == "get_attr"):
+        return False
+    return isinstance(getattr(node.graph.owning_module, node.target, None), torch.nn.Module)
 
 
 def arg_of(node: Node, pos: int, name: str, default=None):

@@ -107,10 +107,12 @@ class NanoGPT(nn.Module):
     """nanoGPT's model, small: fused qkv, SDPA causal attention, GELU MLP, tied head, and
     ``F.cross_entropy(logits.view(-1, V), targets.view(-1), ignore_index=-1)``."""
 
-    def __init__(self, vocab=VOCAB, block=64, layers=LAYERS, heads=4, dim=64):
+    def __init__(self, vocab=VOCAB, block=64, layers=LAYERS, heads=4, dim=64, parallel=False,
+                 act=F.gelu, loss=None):
         super().__init__()
         self.wte, self.wpe = nn.Embedding(vocab, dim), nn.Embedding(block, dim)
-        self.blocks = nn.ModuleList(NanoBlock(dim, heads) for _ in range(layers))
+        self.blocks = nn.ModuleList(NanoBlock(dim, heads, parallel, act) for _ in range(layers))
+        self.loss = loss
         self.ln_f = nn.LayerNorm(dim)
         self.lm_head = nn.Linear(dim, vocab, bias=False)
         self.wte.weight = self.lm_head.weight
@@ -123,32 +125,73 @@ class NanoGPT(nn.Module):
         logits = self.lm_head(self.ln_f(x))
         if targets is None:
             return logits, None
+        if self.loss is not None:
+            return logits, self.loss(logits, targets)
         loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1)
         return logits, loss
 
 
 class NanoBlock(nn.Module):
-    def __init__(self, dim, heads):
+    """``parallel``: GPT-J / PaLM's parallel block, ``x + attn(ln(x)) + mlp(ln(x))``, one
+    norm read by the fused QKV (3x the width) and by the MLP."""
+
+    def __init__(self, dim, heads, parallel=False, act=F.gelu):
         super().__init__()
-        self.heads = heads
-        self.ln_1, self.ln_2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.heads, self.parallel, self.act = heads, parallel, act
+        self.ln_1 = nn.LayerNorm(dim)
+        self.ln_2 = None if parallel else nn.LayerNorm(dim)
         self.c_attn, self.attn_proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
         self.c_fc, self.c_proj = nn.Linear(dim, 4 * dim), nn.Linear(4 * dim, dim)
 
-    def forward(self, x):
-        b, t, c = x.shape
-        q, k, v = self.c_attn(self.ln_1(x)).split(c, dim=2)
+    def attn(self, h):
+        b, t, c = h.shape
+        q, k, v = self.c_attn(h).split(c, dim=2)
         q, k, v = (z.view(b, t, self.heads, c // self.heads).transpose(1, 2) for z in (q, k, v))
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        x = x + self.attn_proj(y.transpose(1, 2).contiguous().view(b, t, c))
-        return x + self.c_proj(F.gelu(self.c_fc(self.ln_2(x))))
+        return self.attn_proj(y.transpose(1, 2).contiguous().view(b, t, c))
+
+    def forward(self, x):
+        if self.parallel:
+            h = self.ln_1(x)
+            return x + self.attn(h) + self.c_proj(self.act(self.c_fc(h)))
+        x = x + self.attn(self.ln_1(x))
+        return x + self.c_proj(self.act(self.c_fc(self.ln_2(x))))
 
 
-def _nanogpt():
-    ids = _ids()
-    targets = ids.clone()
-    targets[:, -1] = -1
-    return NanoGPT(), {"idx": ids, "targets": targets}
+class TanhGELU(torch.autograd.Function):
+    """GELU (tanh form) with a hand-written backward, as some model code writes it."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return 0.5 * x * (1.0 + torch.tanh(0.7978845608 * (x + 0.044715 * x * x * x)))
+
+    @staticmethod
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        t = torch.tanh(0.7978845608 * (x + 0.044715 * x * x * x))
+        dt = (1.0 - t * t) * 0.7978845608 * (1.0 + 3 * 0.044715 * x * x)
+        return grad * (0.5 * (1.0 + t) + 0.5 * x * dt)
+
+
+def chunked_cross_entropy(logits, targets, chunk_size=16, ignore_index=-1):
+    """A training library's loss already split over tokens: the flattened logits and
+    targets split into pieces of ``chunk_size`` tokens, cross-entropy per piece, the pieces
+    concatenated, summed and divided by the count of targets."""
+    logits, targets = logits.reshape(-1, logits.size(-1)), targets.reshape(-1)
+    pieces = [F.cross_entropy(lc, tc, ignore_index=ignore_index, reduction="none")
+              for lc, tc in zip(logits.split(chunk_size), targets.split(chunk_size))]
+    count = (targets != ignore_index).sum()
+    return torch.cat(pieces).sum() / count.maximum(torch.ones_like(count))
+
+
+def _nanogpt(**kw):
+    def build():
+        ids = _ids()
+        targets = ids.clone()
+        targets[:, -1] = -1
+        return NanoGPT(**kw), {"idx": ids, "targets": targets}
+    return build
 
 
 class TitanLlama(nn.Module):
@@ -276,7 +319,16 @@ FAMILIES: dict[str, Family] = {
                         mlp=0, note=MOE_NOTE),
     "bert": Family(_bert, note="masked LM: prediction-head transform, then the tied decoder with bias"),
     "t5": Family(_t5, blocks=2 * LAYERS, note="encoder-decoder; the tied lm_head is scaled by d_model**-0.5"),
-    "nanogpt": Family(_nanogpt, loss=lambda out: out[1], note="written in the tests, no transformers"),
+    "nanogpt": Family(_nanogpt(), loss=lambda out: out[1], note="written in the tests, no transformers"),
+    "parallel_block": Family(_nanogpt(parallel=True), loss=lambda out: out[1],
+                             note="written in the tests: attention and MLP read one norm (GPT-J/PaLM "
+                                  "parallel block); the fused QKV, 3x the width, leaves the MLP's group"),
+    "autograd_gelu": Family(_nanogpt(act=TanhGELU.apply), loss=lambda out: out[1],
+                            note="written in the tests: the MLP's GELU is a torch.autograd.Function "
+                                 "(forward and backward bodies both pointwise)"),
+    "chunked_loss": Family(_nanogpt(loss=chunked_cross_entropy), loss=lambda out: out[1],
+                           note="written in the tests: the loss already split over tokens by the "
+                                "model's code (cross-entropy per 16 tokens, concatenated, summed)"),
     "torchtitan_llama": Family(_titan, loss=lambda out: out, attention=LAYERS,
                                note="written in the tests; complex RoPE; loss computed in the compiled step; "
                                     "repeated key/value heads shared (enable_gqa)"),

@@ -17,6 +17,7 @@ from mst_fx.config import MSTConfig
 from mst_fx.passes.graph.chunking import Body, bounded_chunks, build_body
 from mst_fx.passes.graph.projections import Projection, find
 from mst_fx.passes.graph.tokenwise import (
+    AUTOGRAD_FUNCTION,
     LOSS_FUNCTIONS,
     arg_of,
     classify,
@@ -304,6 +305,10 @@ def _head_op(u: Node, src: Node, level: dict, vocab: int, tokens: int):
         if src_level != "vocab" or dim not in (-1, value(src).dim() - 1) or arg_of(u, 2, "keepdim", False):
             return None, None
         return "tokens", None
+    if u.target is AUTOGRAD_FUNCTION or (u.target is operator.getitem and isinstance(u.args[0], Node)
+                                         and u.args[0].target is AUTOGRAD_FUNCTION):
+        # a torch.autograd.Function, and its output (per token if classify says pointwise)
+        return (src_level, None) if classify(u.args[0] if u.target is operator.getitem else u) else (None, None)
     info = classify(u)
     if info is None or info.kind in ("linear", "split", "item"):
         return None, None
