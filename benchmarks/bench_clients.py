@@ -52,13 +52,15 @@ class Steps:
         self.ms, self.callback = [], Callback()
 
 
-def run(client: str, mst: bool, steps: int, lo: int, hi: int) -> dict:
-    """Child process: one training run, its row printed as ``RESULT {json}``."""
+def run(client: str, method: str, steps: int, lo: int, hi: int) -> dict:
+    """Child process: one training run of ``method`` (eager_gc, compile_gc: plain
+    torch.compile, mst_gc), its row printed as ``RESULT {json}``."""
     import transformers
     from torch._dynamo.utils import counters
 
     m = build_model(DIMS, "cuda")
-    backend = mst_fx.make_backend(logits="drop") if mst else None
+    mst = method == "mst_gc"
+    backend = mst_fx.make_backend(logits="drop") if mst else "inductor"
     timer = Steps()
     common = dict(output_dir=tempfile.mkdtemp(), max_steps=steps, learning_rate=1e-5, logging_steps=1,
                   report_to=[], save_strategy="no", seed=0, dataloader_num_workers=0, disable_tqdm=True)
@@ -66,7 +68,7 @@ def run(client: str, mst: bool, steps: int, lo: int, hi: int) -> dict:
             for n in lengths(steps * (2 if client == "sft" else 1), lo, hi)]
     torch.cuda.reset_peak_memory_stats()
     if client == "trainer":
-        if mst:
+        if method != "eager_gc":
             m = torch.compile(m, backend=backend)  # the README recipe
         data = [{"input_ids": r, "labels": r} for r in rows]
         args = transformers.TrainingArguments(per_device_train_batch_size=1, remove_unused_columns=False, **common)
@@ -76,7 +78,7 @@ def run(client: str, mst: bool, steps: int, lo: int, hi: int) -> dict:
         import trl
         from tokenizers import Tokenizer, models
 
-        if mst:
+        if method != "eager_gc":
             m.compile(backend=backend)  # in place: SFTTrainer patches the model's own head
         vocab = {f"t{i}": i for i in range(DIMS["vocab_size"])}
         tok = transformers.PreTrainedTokenizerFast(
@@ -87,10 +89,10 @@ def run(client: str, mst: bool, steps: int, lo: int, hi: int) -> dict:
                                  callbacks=[timer.callback])
     trainer.train()
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-    row = {"client": client, "method": "mst_gc" if mst else "eager_gc", "steps": steps, "tokens": f"{lo}-{hi}",
+    row = {"client": client, "method": method, "steps": steps, "tokens": f"{lo}-{hi}",
            "losses": losses, "peak_gb": round(torch.cuda.max_memory_allocated() / 1e9, 3),
            "ms_after_compile": round(sum(timer.ms[2:]), 1), "graphs": counters["stats"]["unique_graphs"]}
-    if backend is not None:
+    if mst:
         row["rewrites"] = [("symbolic " if r.symbols else "static ") + applied_kinds(r) for r in backend.reports]
     print_result(row)
     return row
@@ -99,27 +101,28 @@ def run(client: str, mst: bool, steps: int, lo: int, hi: int) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--clients", nargs="+", default=["trainer", "sft"], choices=["trainer", "sft"])
+    p.add_argument("--methods", nargs="+", default=["eager_gc", "mst_gc"], choices=["eager_gc", "compile_gc", "mst_gc"])
     p.add_argument("--steps", type=int, default=12)
     p.add_argument("--min", type=int, default=4096)
     p.add_argument("--max", type=int, default=16384)
     p.add_argument("--out", default=os.environ.get("OUT", "."))
-    p.add_argument("--one", nargs=2, metavar=("CLIENT", "MST"), help=argparse.SUPPRESS)
+    p.add_argument("--one", nargs=2, metavar=("CLIENT", "METHOD"), help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.one:
-        run(args.one[0], args.one[1] == "1", args.steps, args.min, args.max)
+        run(args.one[0], args.one[1], args.steps, args.min, args.max)
         return
     rows = []
     for client in args.clients:
-        pair = {}
-        for mst in (False, True):
-            cmd = script_cmd(__file__, "--one", client, int(mst), "--steps", args.steps, "--min", args.min,
+        by = {}
+        for method in args.methods:
+            cmd = script_cmd(__file__, "--one", client, method, "--steps", args.steps, "--min", args.min,
                              "--max", args.max)
-            row = run_row(cmd, {"client": client, "method": "mst_gc" if mst else "eager_gc"}, "note")
-            pair[mst] = row
+            by[method] = row = run_row(cmd, {"client": client, "method": method}, "note")
             rows.append(row)
-        if "losses" in pair[False] and "losses" in pair[True]:
-            diffs = [abs(a - b) for a, b in zip(pair[False]["losses"], pair[True]["losses"])]
-            pair[True]["max_loss_diff"] = round(max(diffs), 5)
+        ref = by.get("eager_gc", {})
+        for method, row in by.items():
+            if method != "eager_gc" and "losses" in ref and "losses" in row:
+                row["max_loss_diff"] = round(max(abs(a - b) for a, b in zip(ref["losses"], row["losses"])), 5)
     write_csv(rows, os.path.join(args.out, "results_clients.csv"))
     print(f"\n{'client':<8} {'method':<9} {'peak GB':>8} {'ms after compile':>17} {'graphs':>6} {'max loss diff':>13}")
     for r in rows:

@@ -60,27 +60,38 @@ def forward(layers, head, x, labels, how):
 
 
 CONTEXTS = {
-    "checkpoint": contextlib.nullcontext,
-    "checkpoint_reentrant": contextlib.nullcontext,
-    "save_on_cpu": torch.autograd.graph.save_on_cpu,
-    "saved_tensors_hooks": Counting,
-    "autocast": lambda: torch.autocast("cpu", dtype=torch.bfloat16),
+    "checkpoint": lambda device: contextlib.nullcontext(),
+    "checkpoint_reentrant": lambda device: contextlib.nullcontext(),
+    "save_on_cpu": lambda device: torch.autograd.graph.save_on_cpu(),
+    "saved_tensors_hooks": lambda device: Counting(),
+    "autocast": lambda device: torch.autocast(device, dtype=torch.bfloat16),  # fp32 weights: AMP
 }
 
 
 @pytest.mark.parametrize("how", list(CONTEXTS))
 def test_compiled_layers_inside_a_context_train_as_eager(how):
-    layers, head = nn.ModuleList(Layer() for _ in range(2)), Head()
-    x = torch.randn(2, 64, 32, requires_grad=True)
-    labels = torch.randint(0, 1024, (2, 64))
+    _check(how, "cpu")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("how", ["checkpoint", "autocast"])
+def test_compiled_layers_inside_a_context_on_gpu(how):
+    _check(how, "cuda")
+
+
+def _check(how: str, device: str) -> None:
+    layers, head = nn.ModuleList(Layer() for _ in range(2)).to(device), Head().to(device)
+    x = torch.randn(2, 64, 32, requires_grad=True, device=device)
+    labels = torch.randint(0, 1024, (2, 64), device=device)
     backend = mst_fx.make_backend(CFG)
     comp_layers, comp_head = copy.deepcopy(layers), copy.deepcopy(head)
     compiled = [torch.compile(m, backend=backend) for m in comp_layers]
     x2 = x.detach().clone().requires_grad_()
-    with CONTEXTS[how]():
+    with CONTEXTS[how](device):
         ref = forward(layers, head, x, labels, how)
         ref.backward()
-    with CONTEXTS[how]():
+    with CONTEXTS[how](device):
         got = forward(compiled, torch.compile(comp_head, backend=backend), x2, labels, how)
         got.backward()
     tol = TOL[torch.bfloat16 if how == "autocast" else torch.float32]
