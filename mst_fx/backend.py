@@ -160,9 +160,9 @@ class MSTBackend:
             if report.symbols:  # the rewrites of graphs that serve every length
                 counters["mst_fx_symbolic"][r.kind] += 1
         log.debug("mst_fx: %s", report)
-        for kind in {r.kind for r in applied}:
-            wrap = getattr(PASSES[kind], "wrap_compiled", None)
-            compiled = wrap(compiled, gm) if wrap else compiled
+        for kind, graph_pass in PASSES.items():  # run-time wrappers of the passes that applied
+            if hasattr(graph_pass, "wrap_compiled") and any(r.kind == kind for r in applied):
+                compiled = graph_pass.wrap_compiled(compiled, gm)
         return compiled
 
     def _without_flex(self, gm, example_inputs, flex: list, why: str):

@@ -69,6 +69,25 @@ def _split_ce(z, y, size=16, **kw):
     return torch.cat(pieces).sum() / y.numel()
 
 
+def _summed_pieces(z, y, size=16):
+    """Each piece's loss summed, the sums added (Python's sum: 0 + s0 + s1 + ...)."""
+    z, y = z.reshape(-1, z.shape[-1]), y.reshape(-1)
+    return sum(F.cross_entropy(a, b, reduction="none").sum() for a, b in zip(z.split(size), y.split(size))) / y.numel()
+
+
+def _piece_sums(z, y):
+    z, y = z.reshape(-1, z.shape[-1]), y.reshape(-1)
+    pieces = [F.cross_entropy(a, b, reduction="sum") for a, b in zip(z.split(20), y.split(20))]
+    return (pieces[0] + pieces[1] + pieces[2] + pieces[3]) / y.numel()
+
+
+def _piece_means(z, y):
+    """The mean of each piece, added: pieces of unequal size weigh their tokens unequally,
+    which is not the loss over all tokens; left split."""
+    z, y = z.reshape(-1, z.shape[-1]), y.reshape(-1)
+    return sum(F.cross_entropy(a, b) for a, b in zip(z.split(16), y.split(16)))
+
+
 def _differing_pieces(z, y):
     z, y = z.reshape(-1, z.shape[-1]), y.reshape(-1)
     pieces = [F.cross_entropy(a, b, reduction="none", label_smoothing=0.1 * k)
@@ -99,6 +118,9 @@ class SplitLossHead(nn.Module):
 @pytest.mark.parametrize("loss,merged,head", [
     (_split_ce, 1, 1),
     (lambda z, y: _split_ce(z, y, size=5, ignore_index=3), 1, 1),
+    (_summed_pieces, 1, 1),
+    (_piece_sums, 1, 1),
+    (_piece_means, 0, 0),
     (_differing_pieces, 0, 0),
     (_piece_used_twice, 0, 0),
     (_split_over_classes, 0, 0),

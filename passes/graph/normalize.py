@@ -3,12 +3,16 @@ tokens is joined back, so that the lm_head pass sees one head and chunks it with
 
 Training libraries write cross-entropy over long sequences as pieces: the flattened logits
 and targets split along the tokens (``logits.split(128)``), a per-token loss per piece
-(``reduction="none"``), the pieces concatenated and summed. An order-preserving split of
-the token dim whose pieces go through the same row-wise ops and meet again in a ``cat``
-along that dim is the identity: ``cat([f(x_k, y_k) for k]) == f(x, y)`` row by row, so the
-joined graph computes the same values (each row's ops are the same ops on the same inputs).
+(``reduction="none"``), the pieces concatenated and summed, or each piece summed and the
+sums added. An order-preserving split of the token dim whose pieces go through the same
+row-wise ops and meet again in a ``cat`` along that dim is the identity:
+``cat([f(x_k, y_k) for k]) == f(x, y)`` row by row, so the joined graph computes the same
+values (each row's ops are the same ops on the same inputs). Pieces that end in a sum over
+all their elements and meet in additions give the sum over all tokens: the same terms,
+added in another order (equal within rounding).
 
-    merge_token_splits(gm) -> int: joins every such split -> pieces -> cat; returns how many.
+    merge_token_splits(gm) -> int: joins every such split -> pieces -> cat (or -> sums ->
+        additions); returns how many.
 
 Only row-wise ops are joined: a per-token loss with reduction "none" (no class weights),
 elementwise ops whose other inputs are scalars or per-class vectors, softmax / log_softmax
@@ -32,13 +36,60 @@ ROWWISE = {F.log_softmax, F.softmax, torch.log_softmax, torch.softmax, "log_soft
 
 def merge_token_splits(gm: GraphModule) -> int:
     """Join each split -> row-wise pieces -> cat of ``gm`` into the ops on the whole input."""
-    merged = 0
-    for cat in [n for n in gm.graph.nodes if _is_row_cat(n)]:
-        plan = _match(cat)
+    merged, erased = 0, set()
+    for n in list(gm.graph.nodes):
+        if n in erased:
+            continue
+        if _is_row_cat(n):
+            meet, pieces = {n}, list(n.args[0])
+        else:
+            found = _sum_tree(n)
+            if found is None:
+                continue
+            meet, pieces = found
+        plan = _match(meet, pieces)
         if plan is not None:
-            _join(gm, cat, *plan)
+            erased |= _join(gm, n, meet, *plan)
             merged += 1
     return merged
+
+
+def _is_add(n) -> bool:
+    return isinstance(n, Node) and n.op == "call_function" and n.target in (operator.add, torch.add) \
+        and len(n.args) == 2 and not n.kwargs
+
+
+def _sum_tree(root: Node) -> tuple[set[Node], list[Node]] | None:
+    """(the additions, the added terms in order) if ``root`` is the last of a chain of
+    additions of two or more full sums (``sum(piece_loss.sum() for ...)``; a constant 0
+    term, as Python's sum starts with, is dropped)."""
+    if not _is_add(root) or any(_is_add(u) for u in root.users):
+        return None
+    adds, terms = set(), []
+
+    def walk(x):
+        if _is_add(x) and (x is root or len(x.users) == 1):
+            adds.add(x)
+            walk(x.args[0])
+            walk(x.args[1])
+        elif not (isinstance(x, (int, float)) and x == 0):
+            terms.append(x)
+
+    walk(root)
+    if len(terms) < 2 or not all(isinstance(t, Node) and _is_full_sum(t) for t in terms):
+        return None
+    return adds, terms
+
+
+def _is_full_sum(n: Node) -> bool:
+    """A sum over every element: ``x.sum()``, ``torch.sum(x)``, a loss with reduction "sum"."""
+    if (n.op == "call_method" and n.target == "sum") or (n.op == "call_function" and n.target is torch.sum):
+        return len(n.args) == 1 and not n.kwargs
+    if n.op == "call_function" and n.target in LOSS_FUNCTIONS:
+        v = value(n.args[0])
+        return arg_of(n, 2, "weight") is None and n.kwargs.get("reduction") == "sum" \
+            and len(n.args) <= 2 and v is not None and v.dim() == 2
+    return False
 
 
 def _is_row_cat(n: Node) -> bool:
@@ -79,7 +130,7 @@ def _chain(end: Node, k: int) -> tuple[list[Node], dict[Node, Node]] | None:
                 return None
             leaves[piece[0]] = n
             continue
-        if not _rowwise(n):
+        if not (_rowwise(n) or (n is end and _is_full_sum(n))):
             return None
         nodes.append(n)
         for a in n.all_input_nodes:
@@ -123,8 +174,9 @@ def _shared_ok(a: Node, user: Node) -> bool:
     return v.numel() == 1 or (v.dim() == 1 and out is not None and out.dim() >= 2 and v.shape[0] == out.shape[-1])
 
 
-def _match(cat: Node):
-    pieces = list(cat.args[0])
+def _match(meet: set[Node], pieces: list[Node]):
+    """(the first piece's chain, its split pieces by split node, every chain) when the
+    pieces can be joined; ``meet``: the nodes where they meet (the cat, or the additions)."""
     chains = [_chain(p, k) for k, p in enumerate(pieces)]
     if any(c is None for c in chains):
         return None
@@ -146,7 +198,7 @@ def _match(cat: Node):
         members.update(lv.values())
     ends = set(pieces)
     for n in members:  # no piece is used outside its chain
-        if any(u not in members and not (u is cat and n in ends) for u in n.users):
+        if any(u not in members and not (u in meet and n in ends) for u in n.users):
             return None
     return template, leaves, chains
 
@@ -174,21 +226,29 @@ def _same_ops(a: list[Node], b: list[Node], la: dict, lb: dict) -> bool:
     return True
 
 
-def _join(gm: GraphModule, cat: Node, template: list[Node], leaves: dict[Node, Node], chains) -> None:
+def _join(gm: GraphModule, root: Node, meet: set[Node], template: list[Node], leaves: dict[Node, Node],
+          chains) -> set[Node]:
+    """Replace ``root`` by the template chain on the whole inputs; returns the erased nodes."""
     g = gm.graph
     env = {leaf: split.args[0] for split, leaf in leaves.items()}
-    with g.inserting_before(cat):
+    with g.inserting_before(root):
         for n in template:
             env[n] = g.node_copy(n, lambda a: env.get(a, a))
             env[n].meta.pop("example_value", None)
     whole = env[template[-1]]
-    cat.replace_all_uses_with(whole)
-    g.erase_node(cat)
+    root.replace_all_uses_with(whole)
+    order = {n: i for i, n in enumerate(g.nodes)}
+    erased = set(meet)
+    for n in sorted(meet, key=order.__getitem__, reverse=True):
+        g.erase_node(n)
     for nodes, lv in reversed(chains):
         for n in reversed(nodes):
             g.erase_node(n)
         for leaf in lv.values():
             g.erase_node(leaf)
+        erased.update(nodes, lv.values())
     for split in leaves:
         if not split.users:
             g.erase_node(split)
+            erased.add(split)
+    return erased
