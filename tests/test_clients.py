@@ -150,6 +150,17 @@ def _by_graph(backend):
     return out
 
 
+def _run_args(out) -> dict:
+    """The training arguments both trainers' runs share (CPU, seeded, no saving or logging out)."""
+    return dict(output_dir=str(out), use_cpu=True, learning_rate=1e-3, logging_steps=1, report_to=[],
+                save_strategy="no", seed=0, dataloader_num_workers=0, disable_tqdm=True)
+
+
+def _losses(trainer) -> list[float]:
+    trainer.train()
+    return [h["loss"] for h in trainer.state.log_history if "loss" in h]
+
+
 def test_trainer_on_varying_lengths_compiles_twice_and_keeps_every_rewrite(tmp_path):
     """HF Trainer, one sequence a step of 300 to 700 tokens (the README recipe: the model
     compiled with the backend, handed to Trainer): losses equal eager Trainer's, two graphs
@@ -158,13 +169,9 @@ def test_trainer_on_varying_lengths_compiles_twice_and_keeps_every_rewrite(tmp_p
     rows = _varying_rows(6, 300, 700)
 
     def train(model, out):
-        args = transformers.TrainingArguments(
-            output_dir=str(out), use_cpu=True, max_steps=len(rows), per_device_train_batch_size=1,
-            learning_rate=1e-3, logging_steps=1, report_to=[], save_strategy="no", seed=0,
-            dataloader_num_workers=0, disable_tqdm=True, remove_unused_columns=False)
-        trainer = transformers.Trainer(model=model, args=args, train_dataset=Varying(rows))
-        trainer.train()
-        return [h["loss"] for h in trainer.state.log_history if "loss" in h]
+        args = transformers.TrainingArguments(max_steps=len(rows), per_device_train_batch_size=1,
+                                              remove_unused_columns=False, **_run_args(out))
+        return _losses(transformers.Trainer(model=model, args=args, train_dataset=Varying(rows)))
 
     torch._dynamo.reset()
     ref = train(_llama(), tmp_path / "ref")
@@ -196,13 +203,9 @@ def test_sft_trainer_padding_free_on_varying_lengths(tmp_path):
     data = datasets.Dataset.from_dict({"input_ids": [r.tolist() for r in _varying_rows(6, 150, 350)]})
 
     def train(model, out):
-        args = trl.SFTConfig(output_dir=str(out), use_cpu=True, max_steps=3, per_device_train_batch_size=2,
-                             padding_free=True, learning_rate=1e-3, logging_steps=1, report_to=[],
-                             save_strategy="no", seed=0, dataloader_num_workers=0, disable_tqdm=True,
-                             max_length=None)
-        trainer = trl.SFTTrainer(model=model, args=args, train_dataset=data, processing_class=tok)
-        trainer.train()
-        return [h["loss"] for h in trainer.state.log_history if "loss" in h]
+        args = trl.SFTConfig(max_steps=3, per_device_train_batch_size=2, padding_free=True, max_length=None,
+                             **_run_args(out))
+        return _losses(trl.SFTTrainer(model=model, args=args, train_dataset=data, processing_class=tok))
 
     torch._dynamo.reset()
     ref = train(_llama(), tmp_path / "ref")

@@ -3,14 +3,17 @@ written as a torch.autograd.Function, a loss the model's code already split over
 Each is chunked and exact; forms that are not token-wise stay unchanged with a reason.
 (The zoo has a whole model of each: parallel_block, autograd_gelu, chunked_loss.)"""
 
+import copy
+
 import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from helpers import check_rewrite
+from helpers import TOL, check_rewrite
 from torch._dynamo.utils import counters
 
 import mst_fx
+from mst_fx.backend import aot_eager_compiler
 
 CFG = mst_fx.MSTConfig(chunks=4)
 H, I, V = 32, 128, 256
@@ -130,3 +133,39 @@ def test_loss_split_over_tokens_is_joined_and_chunked(loss, merged, head):
     y = torch.randint(0, V, (2, 37))
     backend = check_rewrite(SplitLossHead(loss), [h, y], expect={"lm_head": head}, config=CFG)
     assert counters["mst_fx_graph"]["merged_token_splits"] == merged, str(backend.report)
+
+
+@pytest.mark.parametrize("checkpointed", [False, True], ids=["plain", "gc"])
+@pytest.mark.parametrize("kw", [dict(parallel=True), dict(act="autograd_gelu"), dict(loss="chunked")],
+                         ids=["parallel_block", "autograd_gelu", "chunked_loss"])
+def test_new_structures_on_varying_lengths(kw, checkpointed):
+    """The zoo's three structures in a real run's shape: one process, three lengths (the
+    second recompiles with a symbolic length), with and without checkpointed blocks: every
+    gradient equals eager's at every length, and the symbolic graph chunks both MLPs and
+    the head, with as many graphs as plain torch.compile."""
+    from zoo.families import NanoGPT, TanhGELU, chunked_cross_entropy
+
+    kw = {**kw, "checkpointed": checkpointed}
+    kw["act"] = TanhGELU.apply if kw.get("act") else F.gelu
+    kw["loss"] = chunked_cross_entropy if kw.get("loss") else None
+    model = NanoGPT(**kw)
+    twin = copy.deepcopy(model)
+    compiled = torch.compile(twin, backend=mst_fx.make_backend(CFG, compiler=aot_eager_compiler))
+    for s in (23, 31, 40):
+        ids = torch.randint(0, V, (2, s))
+        for p in list(model.parameters()) + list(twin.parameters()):
+            p.grad = None
+        model(ids, ids)[1].backward()
+        compiled(ids, ids)[1].backward()
+        for (name, a), b in zip(model.named_parameters(), twin.parameters()):
+            torch.testing.assert_close(b.grad, a.grad, **TOL[torch.float32], msg=lambda m: f"{s} {name}: {m}")
+    graphs = counters["stats"]["unique_graphs"]
+    assert counters["mst_fx_symbolic"]["mlp"] >= 2 and counters["mst_fx_symbolic"]["lm_head"] >= 1, (
+        dict(counters["mst_fx_symbolic"]))
+    torch._dynamo.reset()
+    counters.clear()
+    plain = torch.compile(copy.deepcopy(model), backend="aot_eager")
+    for s in (23, 31, 40):
+        ids = torch.randint(0, V, (2, s))
+        plain(ids, ids)[1].backward()
+    assert graphs == counters["stats"]["unique_graphs"]

@@ -30,6 +30,7 @@ import math
 from dataclasses import dataclass
 from functools import partial
 
+import torch
 from torch.fx import GraphModule, Node
 
 from mst_fx import fx
@@ -44,6 +45,7 @@ from mst_fx.passes.graph.chunking import (
 )
 from mst_fx.passes.graph.projections import Projection, find
 from mst_fx.passes.graph.tokenwise import (
+    AUTOGRAD_FUNCTION,
     LOSS_FUNCTIONS,
     OpInfo,
     chunk_call,
@@ -297,6 +299,8 @@ def _check_shapes(nodes: list[Node], data: Node, width: int, tokens: int) -> Non
             if a is data or a in region or module_attr(a):
                 continue
             av = value(a)
+            if av is None and n.target is AUTOGRAD_FUNCTION and isinstance(a.meta.get("example_value"), torch.SymInt):
+                continue  # a symbolic size Dynamo passes to the function's bodies, which do not read it
             if av is None:
                 raise Skip(Reason.UNSUPPORTED, f"{op_name(n)} reads {a.name}, which is not a tensor")
             if _is_weight_of(n, info, a):

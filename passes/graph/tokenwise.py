@@ -194,13 +194,17 @@ def _pointwise_function(node: Node) -> bool:
     """A ``torch.autograd.Function`` (Dynamo's autograd_function_apply of a forward and a
     backward body) whose two bodies are pointwise throughout: then it is token-wise and its
     gradient per chunk is the chunk of its gradient. Anything else in either body (a
-    reduction, a view, a matmul, an op not known here) and it is not."""
+    reduction, a view, a matmul, an op not known here, a read of a size: Dynamo passes the
+    symbolic sizes in, and a chunk's would differ) and it is not."""
     owner = node.graph.owning_module
     bodies = [getattr(owner, a.target, None) for a in node.args[:2] if isinstance(a, Node) and a.op == "get_attr"]
     if len(bodies) != 2 or owner is None or not all(isinstance(b, torch.fx.GraphModule) for b in bodies):
         return False
     for body in bodies:
         for m in body.graph.nodes:
+            if m.op == "placeholder" and not isinstance(m.meta.get("example_value"), torch.Tensor) \
+                    and any(u.op != "output" for u in m.users):  # only passed through (saved)
+                return False
             if m.op in ("placeholder", "output") or (m.op == "call_function" and m.target is _SET_GRAD):
                 continue
             info = classify(m)

@@ -108,8 +108,9 @@ class NanoGPT(nn.Module):
     ``F.cross_entropy(logits.view(-1, V), targets.view(-1), ignore_index=-1)``."""
 
     def __init__(self, vocab=VOCAB, block=64, layers=LAYERS, heads=4, dim=64, parallel=False,
-                 act=F.gelu, loss=None):
+                 act=F.gelu, loss=None, checkpointed=False):
         super().__init__()
+        self.checkpointed = checkpointed
         self.wte, self.wpe = nn.Embedding(vocab, dim), nn.Embedding(block, dim)
         self.blocks = nn.ModuleList(NanoBlock(dim, heads, parallel, act) for _ in range(layers))
         self.loss = loss
@@ -121,7 +122,7 @@ class NanoGPT(nn.Module):
         pos = torch.arange(idx.shape[1], device=idx.device)
         x = self.wte(idx) + self.wpe(pos)
         for block in self.blocks:
-            x = block(x)
+            x = torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False) if self.checkpointed else block(x)
         logits = self.lm_head(self.ln_f(x))
         if targets is None:
             return logits, None
