@@ -20,6 +20,7 @@ from torch._dynamo.utils import counters
 
 from mst_fx import engine
 from mst_fx.config import MSTConfig
+from mst_fx.distributed import note_ddp_pieces
 from mst_fx.identity import rewrite_identity
 from mst_fx.passes import PASSES
 from mst_fx.passes.joint.embedding_recompute import RecomputeEmbeddings
@@ -122,6 +123,7 @@ class MSTBackend:
             engine.restore(saved)
             report = engine_failure(gm, self.config, f"rewrite failed: {e!r}")
         report.symbols = symbols_of(example_inputs)
+        note_ddp_pieces(report)
         self.reports.append(report)
         applied = [r for r in report.regions if r.applied]
         # Patches even without a rewrite: their uuid keeps the artifacts compiled with our
@@ -160,6 +162,7 @@ class MSTBackend:
             if report.symbols:  # the rewrites of graphs that serve every length
                 counters["mst_fx_symbolic"][r.kind] += 1
         log.debug("mst_fx: %s", report)
+        compiled = count_runs(compiled, applied)
         for kind, graph_pass in PASSES.items():  # run-time wrappers of the passes that applied
             if hasattr(graph_pass, "wrap_compiled") and any(r.kind == kind for r in applied):
                 compiled = graph_pass.wrap_compiled(compiled, gm)
@@ -189,6 +192,26 @@ class MSTBackend:
         for r in self.reports:
             total.extend(r)
         return total
+
+
+def count_runs(compiled, applied: list):
+    """``compiled``, adding its rewrites to ``counters["mst_fx_run"]`` each time it runs.
+    ``counters["mst_fx"]`` counts a graph's rewrites once, when it compiles; a graph that
+    serves every decoder layer (one compile per block, FSDP2's per-layer graphs, a
+    checkpointed layer) runs once a layer, and these are the rewrites a step ran."""
+    if not applied:
+        return compiled
+    kinds: dict[str, int] = {}
+    for r in applied:
+        kinds[r.kind] = kinds.get(r.kind, 0) + 1
+
+    def run(*args):
+        for kind, n in kinds.items():
+            counters["mst_fx_run"][kind] += n
+        return compiled(*args)
+
+    run._boxed_call = getattr(compiled, "_boxed_call", False)
+    return run
 
 
 @contextlib.contextmanager
