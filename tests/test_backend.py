@@ -77,6 +77,17 @@ def test_inference_is_exact_and_chunked():
     assert counters["mst_fx"]["mlp"] == 1
 
 
+def test_run_counters_count_every_run_of_a_graph():
+    """counters["mst_fx"] counts a graph's rewrites once (at compile), counters["mst_fx_run"]
+    each time the compiled graph runs: one layer graph serving three layers ran three."""
+    block = GLU(32, 96).eval()
+    compiled = torch.compile(block, backend=mst_fx.make_backend(CFG))
+    with torch.no_grad():
+        for _ in range(3):
+            compiled(torch.randn(3, 30, 32))
+    assert counters["mst_fx"]["mlp"] == 1 and counters["mst_fx_run"]["mlp"] == 3
+
+
 def test_report_table_reads():
     x = torch.randn(4, 512, 64)
     report = mst_fx.explain(GLU(64, 256), x, config=mst_fx.MSTConfig(min_chunk_tokens=256))
