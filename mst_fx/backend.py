@@ -24,6 +24,7 @@ from mst_fx.distributed import note_ddp_pieces
 from mst_fx.identity import rewrite_identity
 from mst_fx.passes import PASSES
 from mst_fx.passes.joint.embedding_recompute import RecomputeEmbeddings
+from mst_fx.passes.partition import OffloadingPartitioner
 from mst_fx.passes.post_grad.pipeline import PostGradPasses
 from mst_fx.report import Reason, Report, Skipped
 from mst_fx.schemas import cached_chunk_schemas
@@ -45,7 +46,11 @@ log = logging.getLogger("mst_fx.backend")
 #
 # RecomputeEmbeddings (mst_fx.passes.joint) lets the partitioner repeat a checkpointed
 # model's embedding lookup in the backward instead of saving its output.
-def rewrite_inductor_config(regions=None, identity: str = "", recompute_embedding: bool = False) -> dict:
+#
+# OffloadingPartitioner (mst_fx.passes.partition) moves saved tensors to host memory
+# (MSTConfig.offload).
+def rewrite_inductor_config(regions=None, identity: str = "", recompute_embedding: bool = False,
+                            offload: OffloadingPartitioner | None = None) -> dict:
     """Inductor config patches for a rewritten graph; ``identity`` goes into the cache keys
     (see mst_fx.identity)."""
     from torch._inductor import config
@@ -53,6 +58,11 @@ def rewrite_inductor_config(regions=None, identity: str = "", recompute_embeddin
     patches = {"post_grad_custom_post_pass": PostGradPasses(config.post_grad_custom_post_pass, identity)}
     if recompute_embedding:
         patches["joint_custom_post_pass"] = RecomputeEmbeddings(config.joint_custom_post_pass)
+    if offload is not None:
+        # Inductor's reordering for peak memory counts host buffers as device memory, and
+        # moves each offload (a host allocation) down to its wait: the copy would no
+        # longer overlap the layer's compute (seen in the generated code).
+        patches.update(custom_partitioner_fn=offload, reorder_for_peak_memory=False)
     if regions is None or any(r.aliases_inputs for r in regions):
         patches.update(allow_buffer_reuse=False, inplace_buffers=False)
     return patches
@@ -128,8 +138,9 @@ class MSTBackend:
         applied = [r for r in report.regions if r.applied]
         # Patches even without a rewrite: their uuid keeps the artifacts compiled with our
         # decompositions apart from plain torch.compile's in the caches.
+        offload = self._partitioner()
         patches = rewrite_inductor_config(applied, rewrite_identity(self.config),
-                                          self.config.recompute_embedding)
+                                          self.config.recompute_embedding, offload)
         try:
             with cached_chunk_schemas():
                 compiled = compile_fx(gm, example_inputs, config_patches=patches)
@@ -157,6 +168,9 @@ class MSTBackend:
                                               f"decompositions, compiled as plain torch.compile: {why}",
                                               Reason.FAILED))
             return plain(gm, example_inputs)
+        if offload is not None:
+            report.note_offload(offload.plans, "no plan: the graph has no backward, or its compiled "
+                                "form came from Inductor's cache (explain() derives it again)")
         for r in applied:
             counters["mst_fx"][r.kind] += 1
             if report.symbols:  # the rewrites of graphs that serve every length
@@ -167,6 +181,16 @@ class MSTBackend:
             if hasattr(graph_pass, "wrap_compiled") and any(r.kind == kind for r in applied):
                 compiled = graph_pass.wrap_compiled(compiled, gm)
         return compiled
+
+    def _partitioner(self) -> OffloadingPartitioner | None:
+        """The partitioner that offloads saved tensors, if the config asks for it (it chains
+        to a partitioner the user set in Inductor's config)."""
+        if not self.config.offload:
+            return None
+        from torch._inductor import config
+
+        return OffloadingPartitioner(self.config.offload_min_bytes,
+                                     getattr(config, "custom_partitioner_fn", None))
 
     def _without_flex(self, gm, example_inputs, flex: list, why: str):
         """Compile again with flex_attention off, after Inductor failed on a graph with flex
@@ -299,6 +323,9 @@ def explain(model_or_fn, *args, config: MSTConfig | None = None, **kwargs) -> Re
     compiled by Inductor and nothing is chunked (the normalizations detection reads the
     graph after, which keep every value, are applied: see mst_fx.engine.normalize).
 
+    With ``config.offload`` the report also lists the tensors each graph's step would
+    offload (see ``plan_offload``).
+
     Example:
         >>> print(explain(model, input_ids, labels=labels, config=MSTConfig(chunks=4)))
     """
@@ -309,7 +336,40 @@ def explain(model_or_fn, *args, config: MSTConfig | None = None, **kwargs) -> Re
         engine.normalize(gm)
         for _, found in engine.detect(gm, config):
             report.extend(found)
+        if config.offload:
+            report.note_offload(plan_offload(gm, example_inputs, config), "the graph has no backward")
         return gm.forward
 
     torch.compile(model_or_fn, backend=capture)(*args, **kwargs)
     return report
+
+
+def plan_offload(gm: torch.fx.GraphModule, example_inputs, config: MSTConfig) -> list:
+    """What MSTConfig.offload would move to host memory in ``gm``'s training step: the
+    graph as the backend rewrites it, traced by AOTAutograd and partitioned as Inductor
+    does (embedding recompute included) with eager kernels, nothing run. ``gm`` is left as
+    it was. A graph without gradients has no plan (nothing is saved)."""
+    from functorch.compile import make_boxed_func
+    from torch._dynamo.backends.common import aot_autograd
+    from torch._functorch.partitioners import min_cut_rematerialization_partition
+
+    from mst_fx.passes.joint.embedding_recompute import mark_embeddings
+
+    planner = OffloadingPartitioner(config.offload_min_bytes,
+                                    lambda joint, inputs, **kw: min_cut_rematerialization_partition(
+                                        joint, inputs, compiler="inductor", **kw))
+
+    def partition(joint, inputs, **kwargs):
+        if config.recompute_embedding:
+            mark_embeddings(joint.graph)
+        return planner(joint, inputs, **kwargs)
+
+    saved = engine.snapshot(gm)
+    try:
+        with outside_autograd_hooks():
+            engine.rewrite(gm, config)
+        eager = lambda g, _: make_boxed_func(g.forward)  # noqa: E731
+        aot_autograd(fw_compiler=eager, bw_compiler=eager, partition_fn=partition)(gm, example_inputs)
+    finally:
+        engine.restore(saved)
+    return planner.plans

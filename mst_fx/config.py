@@ -74,6 +74,16 @@ class MSTConfig:
             (torch's CPU flex kernel has no backward, and gave wrong values at some
             lengths in torch 2.13); "all": on every device; "off": never (causal masks
             are still dropped).
+        offload: move the tensors the step saves for its backward to pinned host memory
+            between the forward and the backward: every checkpoint boundary (a checkpointed
+            layer's input) and any other saved tensor of at least ``offload_min_bytes``. The
+            copies run on a side stream, each started when its tensor is computed and
+            brought back one checkpointed layer ahead of its use (see
+            mst_fx.passes.partition). A step whose tensors the host cannot take fails
+            before it copies anything, saying so. Applies to every graph the backend
+            compiles; explain() lists what is offloaded.
+        offload_min_bytes: the size floor for saved tensors that are not checkpoint
+            boundaries (at the size the graph is compiled for).
 
     Example:
         >>> MSTConfig(chunks=8).chunks
@@ -93,6 +103,8 @@ class MSTConfig:
     native_embedding_backward: bool = True
     recompute_embedding: bool = True
     flex_attention: str = "cuda"
+    offload: bool = False
+    offload_min_bytes: int = 32 * 2**20
 
     def __post_init__(self) -> None:
         if isinstance(self.passes, str) or not isinstance(self.passes, (tuple, list)):
@@ -118,8 +130,9 @@ class MSTConfig:
         if self.flex_attention not in FLEX_ATTENTION:
             raise ValueError(f"MSTConfig.flex_attention must be one of {FLEX_ATTENTION}, "
                              f"got {self.flex_attention!r}")
+        _check_int("offload_min_bytes", self.offload_min_bytes, minimum=0)
         for name in ("fp32_weight_grad", "recompute_in_checkpoint", "native_embedding_backward",
-                     "recompute_embedding"):
+                     "recompute_embedding", "offload"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"MSTConfig.{name} must be a bool, got {getattr(self, name)!r}")
 

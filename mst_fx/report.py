@@ -83,6 +83,23 @@ class Report:
     regions: list[Region] = field(default_factory=list)
     skipped: list[Skipped] = field(default_factory=list)
     symbols: list[str] = field(default_factory=list)
+    offload: list[Any] = field(default_factory=list)  # select.Saved, every saved tensor
+    offload_notes: list[str] = field(default_factory=list)
+
+    def note_offload(self, plans: list, none: str) -> None:
+        """Record the offload plans of this graph's partitions; ``none`` says why there are
+        none, if so."""
+        if not plans:
+            self.offload_notes.append(f"offload: {none}")
+        for found, note in plans:
+            self.offload.extend(found)
+            if note:
+                self.offload_notes.append(note)
+
+    @property
+    def offloaded_bytes(self) -> int:
+        """Bytes moved to host memory per step, at the compiled sizes."""
+        return sum(s.nbytes for s in self.offload if s.offloaded)
 
     def skip(self, kind: str, where: str, e: Skip) -> None:
         """Record ``e`` for the candidate at ``where`` (nothing for NOT_A_REGION)."""
@@ -93,6 +110,8 @@ class Report:
         self.regions.extend(other.regions)
         self.skipped.extend(other.skipped)
         self.symbols.extend(s for s in other.symbols if s not in self.symbols)
+        self.offload.extend(other.offload)
+        self.offload_notes.extend(other.offload_notes)
 
     def __str__(self) -> str:
         sym = f" (symbolic sizes {', '.join(self.symbols)})" if self.symbols else ""
@@ -103,6 +122,15 @@ class Report:
                       _mib(r.bytes_saved), r.detail)
                      for r in self.regions]
             lines += _table(rows)
+        if self.offload or self.offload_notes:
+            moved = [s for s in self.offload if s.offloaded]
+            lines.append(f"offload to host: {len(moved)} of {len(self.offload)} saved tensors, "
+                         f"{_mib(self.offloaded_bytes)} a step (pinned host memory)")
+            rows = [("saved", "bytes", "size", "offloaded")]
+            rows += [(s.name, _mib(s.nbytes), s.size,
+                      ("yes, checkpoint boundary" if s.boundary else "yes") if s.offloaded else f"no: {s.reason}")
+                     for s in self.offload]
+            lines += _table(rows) + ["  " + n for n in self.offload_notes]
         if self.skipped:
             lines.append("skipped:")
             rows = [("kind", "where", "reason")] + [(s.kind, s.where, s.reason) for s in self.skipped]

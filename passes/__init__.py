@@ -3,6 +3,7 @@
 
     graph/      the Dynamo graph, before AOTAutograd: mlp, lm_head, attention (the registry)
     joint/      the joint forward-backward graph, before partitioning: embedding recompute
+    partition/  the partitioned forward and backward graphs: offload to host memory
     post_grad/  Inductor's post-grad graph: dead forwards, barriers
 
 Every graph-stage pass module has the same surface:
