@@ -15,6 +15,8 @@ as HF Trainer does. Methods:
     cce_gc                  Cut Cross-Entropy's linear_cross_entropy on the decoder's hidden
                             states + GC, eager (needs cut_cross_entropy)
     mst_gc                  torch.compile(backend=mst_backend) + GC
+    mst_gc_offload          the same with MSTConfig(offload=True): the layer checkpoints in
+                            pinned host memory between forward and backward
     mst                     torch.compile(backend=mst_backend), no GC
 The mst methods use MSTConfig(logits="drop") (--mst-logits): the step reads only the loss,
 as HF Trainer does, so the [tokens, vocab] logits output is returned empty (Liger's fused
@@ -73,7 +75,8 @@ from common import (
 import mst_fx
 from mst_fx.backend import aot_eager_compiler
 
-METHODS = ("eager", "eager_gc", "compile_gc", "compile_gc_autochunk", "liger_gc", "cce_gc", "mst_gc", "mst")
+METHODS = ("eager", "eager_gc", "compile_gc", "compile_gc_autochunk", "liger_gc", "cce_gc", "mst_gc",
+           "mst_gc_offload", "mst")
 LENGTHS = (8192, 16384, 32768, 65536, 131072, 262144)
 FIELDS = ["method", "tokens", "ms", "tokens_per_s", "peak_gb", "loss", "loss_diff_vs_compile", "rewrites",
           "note", "kind", "step", "graphs"]
@@ -107,7 +110,7 @@ def loss_fn(model, method: str, quick: bool, logits: str = "drop", mst: dict | N
         torch._inductor.config.auto_chunker.enable = method == "compile_gc_autochunk"
         compiled = torch.compile(model, backend="aot_eager" if quick else "inductor")
         return (lambda b: compiled(**b).loss), None
-    fields = dict(mst or {}, logits=logits)
+    fields = dict(mst or {}, logits=logits, **({"offload": True} if method == "mst_gc_offload" else {}))
     backend = mst_fx.make_backend(**dict(fields, min_chunk_tokens=32), compiler=aot_eager_compiler) if quick \
         else mst_fx.make_backend(**fields)
     compiled = torch.compile(model, backend=backend)

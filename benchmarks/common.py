@@ -171,3 +171,19 @@ def paper_tables(rows: list[dict], tables) -> str:
             out.append(f"| {m} | " + " | ".join(str(cell[(m, t)][field]) if (m, t) in cell else ""
                                                 for t in tokens) + " |")
     return "\n".join(out)
+
+
+def recorded_step(step) -> tuple[int, dict]:
+    """(bytes allocated before, the CUDA allocator's snapshot with its history) of one
+    ``step()``, recorded with torch.cuda.memory._record_memory_history."""
+    import torch
+
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    torch.cuda.memory._record_memory_history(max_entries=4_000_000, stacks="python")
+    step()
+    torch.cuda.synchronize()
+    snapshot = torch.cuda.memory._snapshot()
+    torch.cuda.memory._record_memory_history(enabled=None)
+    return before, snapshot

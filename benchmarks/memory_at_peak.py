@@ -22,6 +22,7 @@ from collections import defaultdict
 
 import torch
 from bench_train import one_step, one_step_parser
+from common import recorded_step
 
 TORCH_DIR = os.path.dirname(torch.__file__)
 
@@ -70,14 +71,7 @@ def main() -> None:
 
     step()  # compiles
     model.zero_grad(set_to_none=True)
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    before = torch.cuda.memory_allocated()
-    torch.cuda.memory._record_memory_history(max_entries=4_000_000, stacks="python")
-    step()
-    torch.cuda.synchronize()
-    snap = torch.cuda.memory._snapshot()
-    torch.cuda.memory._record_memory_history(enabled=None)
+    before, snap = recorded_step(step)
     measured = torch.cuda.max_memory_allocated()
 
     peak, live = at_peak(snap["device_traces"][0], before)

@@ -172,7 +172,7 @@ def test_hf_llama_random_lengths_compile_twice_with_every_pass(checkpointing):
     random lengths, losses and gradients equal eager. With gradient checkpointing,
     transformers (5.2x) breaks the graph at its checkpointed layers: each frame then
     compiles twice, as many graphs as plain torch.compile makes."""
-    steps = 6 if checkpointing else 20
+    steps = 4 if checkpointing else 8
     eager = _llama(checkpointing)
     model = copy.deepcopy(eager)
     backend = mst_fx.make_backend(min_chunk_tokens=256)
