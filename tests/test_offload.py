@@ -109,13 +109,13 @@ def test_user_checkpoint_and_size_floor():
 
 
 def test_varying_lengths_keep_offloading():
-    """Three lengths in one process (dynamic=None): two decoder graphs, the second symbolic; each
+    """Two lengths in one process (dynamic=None): two decoder graphs, the second symbolic; each
     step offloads the second layer's input at its own size; gradients equal eager's."""
     model = llama(layers=2)
     backend = mst_fx.make_backend(offload=True, min_chunk_tokens=64, logits="drop")
     compiled = torch.compile(model, backend=backend)
     with fresh_inductor_cache():
-        for tokens in (256, 384, 448):
+        for tokens in (256, 384):
             ids = torch.randint(0, 96, (1, tokens))
             _, ref = eager_grads(model, input_ids=ids, labels=ids)
             before = dict(transfer.STATS)
