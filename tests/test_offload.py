@@ -157,3 +157,21 @@ def test_offload_config_is_validated():
         mst_fx.MSTConfig(offload="yes")
     with pytest.raises(ValueError, match="offload_min_bytes"):
         mst_fx.MSTConfig(offload_min_bytes=-1)
+
+
+def test_host_need_counts_power_of_two_blocks_once():
+    """Pinned blocks are powers of two, and the blocks an earlier step left in torch's cache
+    are not needed again: the second step of the same sizes needs nothing new (it did fail
+    there before: the cached blocks count as used host memory), a longer one only its new
+    blocks."""
+    from collections import Counter
+
+    cached = Counter()
+    gib = 2**30
+    step = [int(2.5 * gib)] * 3 + [100]
+    assert host_memory.needed_bytes(step, pinned=True, cached=cached) == 3 * 4 * gib + 128
+    assert host_memory.needed_bytes(step, pinned=False) == sum(step)
+    host_memory.record_blocks(step, cached)
+    assert host_memory.needed_bytes(step, pinned=True, cached=cached) == 0
+    longer = [int(3.9 * gib)] * 4 + [5 * gib]
+    assert host_memory.needed_bytes(longer, pinned=True, cached=cached) == 4 * gib + 8 * gib

@@ -3,16 +3,16 @@ before the step copies anything (``mst_fx::reserve_host``), so that a step too l
 host fails with a message instead of the kernel's OOM killer ending the process.
 
 The need is the offloaded tensors' bytes as torch's pinned-memory allocator hands them out
-(each rounded up to a power of two), less what that allocator already holds free from
-earlier steps. What is free is the kernel's MemAvailable, lowered to the cgroup's limit
-where the process runs in one (containers), less a margin for everything else.
+(each rounded up to a power of two), less the blocks earlier steps' offloads left in that
+allocator's cache (which the kernel counts as used memory). What is free is the kernel's
+MemAvailable, lowered to the cgroup's limit where the process runs in one (containers),
+less a margin for everything else.
 """
 
 from __future__ import annotations
 
 import pathlib
-
-import torch
+from collections import Counter
 
 MARGIN = 2 * 2**30  # bytes left to the rest of the process and the system
 
@@ -22,14 +22,29 @@ def pinned_size(nbytes: int) -> int:
     return 1 << max(int(nbytes) - 1, 0).bit_length() if nbytes > 0 else 0
 
 
-def needed_bytes(sizes: list[int], pinned: bool) -> int:
-    """Host bytes the tensors of ``sizes`` (bytes each) take as offloaded."""
+# Pinned blocks earlier steps' offloads made, by size: torch's allocator keeps them cached
+# for this process, so a later step of the same sizes takes no new host memory (and the
+# kernel counts them as used, not available). A lower bound: every count is the most
+# blocks of that size one step held at once (all of a step's offloads are alive together
+# between its forward and its backward).
+_cached_blocks: Counter = Counter()
+
+
+def needed_bytes(sizes: list[int], pinned: bool, cached: Counter | None = None) -> int:
+    """New host bytes the tensors of ``sizes`` (bytes each) take as offloaded: pinned, each
+    a power-of-two block, less the blocks ``cached`` (default: this process's) already holds."""
     if not pinned:
         return sum(int(s) for s in sizes)
-    need = sum(pinned_size(s) for s in sizes)
-    stats = torch.cuda.host_memory_stats() if hasattr(torch.cuda, "host_memory_stats") else {}
-    cached_free = stats.get("reserved_bytes.current", 0) - stats.get("allocated_bytes.current", 0)
-    return max(need - max(cached_free, 0), 0)
+    cached = _cached_blocks if cached is None else cached
+    wanted = Counter(pinned_size(s) for s in sizes)
+    return sum(size * max(n - cached[size], 0) for size, n in wanted.items())
+
+
+def record_blocks(sizes: list[int], cached: Counter | None = None) -> None:
+    """Note the pinned blocks a step of ``sizes`` leaves in torch's cache."""
+    cached = _cached_blocks if cached is None else cached
+    for size, n in Counter(pinned_size(s) for s in sizes).items():
+        cached[size] = max(cached[size], n)
 
 
 def available_bytes() -> int | None:
@@ -56,6 +71,8 @@ def check_room(sizes: list[int], pinned: bool) -> None:
     need = needed_bytes(sizes, pinned)
     free = available_bytes()
     if free is None or need <= free - MARGIN:
+        if pinned:
+            record_blocks(sizes)
         return
     total = sum(int(s) for s in sizes)
     raise RuntimeError(
