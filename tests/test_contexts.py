@@ -80,11 +80,23 @@ def test_compiled_layers_inside_a_context_on_gpu(how):
     _check(how, "cuda")
 
 
-def _check(how: str, device: str) -> None:
+@pytest.mark.parametrize("how", ["checkpoint", "save_on_cpu"])
+def test_offloading_layers_inside_a_context_train_as_eager(how):
+    """MSTConfig.offload with every saved tensor offloaded (no size floor) in layers that
+    run inside an eager checkpoint (its recompute runs the compiled forward again, copies
+    included) or under save_on_cpu hooks: exact, and the copies ran."""
+    from mst_fx.passes.partition import transfer
+
+    before = transfer.STATS["offloaded"]
+    _check(how, "cpu", CFG.replace(offload=True, offload_min_bytes=0))
+    assert transfer.STATS["offloaded"] > before
+
+
+def _check(how: str, device: str, config: mst_fx.MSTConfig = CFG) -> None:
     layers, head = nn.ModuleList(Layer() for _ in range(2)).to(device), Head().to(device)
     x = torch.randn(2, 64, 32, requires_grad=True, device=device)
     labels = torch.randint(0, 1024, (2, 64), device=device)
-    backend = mst_fx.make_backend(CFG)
+    backend = mst_fx.make_backend(config)
     comp_layers, comp_head = copy.deepcopy(layers), copy.deepcopy(head)
     compiled = [torch.compile(m, backend=backend) for m in comp_layers]
     x2 = x.detach().clone().requires_grad_()
