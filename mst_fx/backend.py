@@ -351,18 +351,15 @@ def plan_offload(gm: torch.fx.GraphModule, example_inputs, config: MSTConfig) ->
     it was. A graph without gradients has no plan (nothing is saved)."""
     from functorch.compile import make_boxed_func
     from torch._dynamo.backends.common import aot_autograd
-    from torch._functorch.partitioners import min_cut_rematerialization_partition
 
     from mst_fx.passes.joint.embedding_recompute import mark_embeddings
 
-    planner = OffloadingPartitioner(config.offload_min_bytes,
-                                    lambda joint, inputs, **kw: min_cut_rematerialization_partition(
-                                        joint, inputs, compiler="inductor", **kw))
+    planner = OffloadingPartitioner(config.offload_min_bytes)
 
-    def partition(joint, inputs, **kwargs):
+    def partition(joint, inputs, **kwargs):  # as Inductor calls its partitioner
         if config.recompute_embedding:
             mark_embeddings(joint.graph)
-        return planner(joint, inputs, **kwargs)
+        return planner(joint, inputs, compiler="inductor", **kwargs)
 
     saved = engine.snapshot(gm)
     try:

@@ -41,12 +41,10 @@ class OffloadingPartitioner(CustomPartitionerFn):
         names = {s.name for s in found if s.offloaded}
         note = ""
         if names:
-            nodes = {n.name: n for n in select.saved_tensors(fw, num_fwd_outputs)}
-            host_vals = {name: nodes[name].meta["val"].to("cpu") for name in names}
-            device_vals = offload.offload_forward(fw, names, num_fwd_outputs)
-            offload.reload_backward(bw, host_vals)
+            offloaded = offload.offload_forward(fw, names, num_fwd_outputs)
+            offload.reload_backward(bw, offloaded)
             try:
-                offload.reserve_host(fw.graph, device_vals)
+                offload.reserve_host(fw.graph, [n.meta["val"] for n in offloaded.values()])
             except ValueError as e:
                 note = f"host memory not checked before the step: {e}"
             fw.graph.eliminate_dead_code()

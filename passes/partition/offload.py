@@ -61,9 +61,9 @@ def _last_forward_use(node: Node, order: dict) -> Node:
     return last
 
 
-def offload_forward(fw: GraphModule, names: set[str], num_fwd_outputs: int) -> list[torch.Tensor]:
+def offload_forward(fw: GraphModule, names: set[str], num_fwd_outputs: int) -> dict[str, Node]:
     """Copy the saved tensors named ``names`` to host memory in ``fw`` (see the module).
-    Returns the device values of those tensors."""
+    Returns each one's node (its device value) by name."""
     graph = fw.graph
     order = {n: i for i, n in enumerate(graph.nodes)}
     output = graph.find_nodes(op="output")[0]
@@ -82,22 +82,22 @@ def offload_forward(fw: GraphModule, names: set[str], num_fwd_outputs: int) -> l
         on_host[node] = done
     outputs[num_fwd_outputs:] = [on_host.get(n, n) for n in outputs[num_fwd_outputs:]]
     output.update_arg(0, tuple(outputs))
-    return [n.meta["val"] for n in on_host]
+    return {n.name: n for n in on_host}
 
 
-def reload_backward(bw: GraphModule, host_vals: dict[str, torch.Tensor]) -> None:
-    """Bring the placeholders named in ``host_vals`` back from host memory in ``bw`` (see
-    the module); ``host_vals`` gives each its host tensor's fake value."""
+def reload_backward(bw: GraphModule, offloaded: dict[str, Node]) -> None:
+    """Bring the placeholders of the tensors ``offload_forward`` offloaded (``offloaded``,
+    its result) back from host memory in ``bw`` (see the module)."""
     graph = bw.graph
     order = {n: i for i, n in enumerate(graph.nodes)}
-    chosen = [p for p in graph.find_nodes(op="placeholder") if p.name in host_vals and p.users]
+    chosen = [p for p in graph.find_nodes(op="placeholder") if p.name in offloaded and p.users]
     chosen.sort(key=lambda p: min(order[u] for u in p.users))
     top = next(n for n in graph.nodes if n.op != "placeholder")
     previous_wait = None
     for p in chosen:
         device_val = p.meta["val"]
         first_user = min(p.users, key=lambda u: order[u])
-        _set_val(p, host_vals[p.name])
+        _set_val(p, device_val.to("cpu"))
         with graph.inserting_before(previous_wait if previous_wait is not None else top):
             back = graph.call_function(RELOAD, (p, device_val.device))
         _set_val(back, device_val)
@@ -108,7 +108,7 @@ def reload_backward(bw: GraphModule, host_vals: dict[str, torch.Tensor]) -> None
         previous_wait = ready
 
 
-def reserve_host(graph, vals: list[torch.Tensor]) -> None:
+def reserve_host(graph, vals) -> None:
     """``mst_fx.reserve_host`` with the bytes of ``vals`` (the offloaded tensors' device
     values) at the top of the forward graph. Raises ValueError if a size is an expression
     that cannot be written as graph nodes (the graph is then as before)."""
