@@ -159,19 +159,34 @@ def test_offload_config_is_validated():
         mst_fx.MSTConfig(offload_min_bytes=-1)
 
 
-def test_host_need_counts_power_of_two_blocks_once():
-    """Pinned blocks are powers of two, and the blocks an earlier step left in torch's cache
-    are not needed again: the second step of the same sizes needs nothing new (it did fail
-    there before: the cached blocks count as used host memory), a longer one only its new
-    blocks."""
-    from collections import Counter
+def test_host_blocks_exact_sizes_reused_once_idle():
+    """Host blocks are sized to their tensors (at most 1/8 over, whole pages), a block is
+    taken again only once no tensor views it, and the need a step counts is the blocks it
+    finds no idle one for; the host-short path releases only idle blocks the step does not
+    take. (CUDA's page-locking is replaced by a record of the calls.)"""
+    for n in (1, 4096, 5000, 2**20 + 1, int(2.5 * 2**30), 3 * 2**30 + 7):
+        size = host_memory.block_size(n)
+        assert n <= size <= max(4096, n + n // 8 + 4096) and size % 4096 == 0, n
+    assert host_memory.block_size(int(2.5 * 2**30)) == int(2.5 * 2**30)  # a power of two: 4 GiB
 
-    cached = Counter()
-    gib = 2**30
-    step = [int(2.5 * gib)] * 3 + [100]
-    assert host_memory.needed_bytes(step, pinned=True, cached=cached) == 3 * 4 * gib + 128
-    assert host_memory.needed_bytes(step, pinned=False) == sum(step)
-    host_memory.record_blocks(step, cached)
-    assert host_memory.needed_bytes(step, pinned=True, cached=cached) == 0
-    longer = [int(3.9 * gib)] * 4 + [5 * gib]
-    assert host_memory.needed_bytes(longer, pinned=True, cached=cached) == 4 * gib + 8 * gib
+    calls = []
+    pool = host_memory.HostPool(register=lambda p, n: calls.append(("reg", n)),
+                                unregister=lambda p, n: calls.append(("unreg", n)))
+    mib = 2**20
+    a = pool.take(5 * mib).view(torch.float32)
+    a.fill_(1.0)
+    b = pool.take(5 * mib)
+    assert a.data_ptr() != b.data_ptr() and pool.held_bytes() == 10 * mib  # a is held
+    assert host_memory.needed_bytes([5 * mib], pinned=True, pool=pool) == 5 * mib
+    ptr = b.data_ptr()
+    del b
+    assert host_memory.needed_bytes([5 * mib, 5 * mib], pinned=True, pool=pool) == 5 * mib
+    assert pool.take(5 * mib).data_ptr() == ptr and len(calls) == 2  # reused, not registered
+    assert host_memory.needed_bytes([5 * mib] * 3, pinned=False) == 15 * mib
+
+    pool.take(7 * mib)  # idle at once (its tensor is dropped)
+    assert pool.release_idle(keep={host_memory.block_size(5 * mib): 1}) == 7 * mib
+    assert calls[-1] == ("unreg", 7 * mib) and pool.held_bytes() == 10 * mib
+    assert pool.release_idle() == 10 * mib - 5 * mib  # a still holds its block
+    assert a.sum() == 5 * mib / 4
+

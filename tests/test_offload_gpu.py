@@ -1,12 +1,14 @@
 """MSTConfig.offload on CUDA (skipped without a GPU): the copies to and from pinned host
-memory run on a side stream while the compute stream runs kernels, and the step's loss
-and gradients equal the same step without offload."""
+memory run on a side stream while the compute stream runs kernels, the host blocks are
+page-locked, sized to their tensors and reused by the next step, and the step's loss and
+gradients equal the same step without offload."""
 
 import pytest
 import torch
 from torch._inductor.utils import fresh_inductor_cache
 
 import mst_fx
+from mst_fx.passes.partition import host_memory
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -44,6 +46,16 @@ def test_copies_overlap_compute_and_gradients_are_unchanged():
     torch.testing.assert_close(got_loss, loss, rtol=1e-5, atol=1e-5)
     for n in grads:
         torch.testing.assert_close(got[n], grads[n], rtol=1e-4, atol=1e-5, msg=n)
+
+    offloaded = sum(s.nbytes for r in backend.reports for s in r.offload if s.offloaded)
+    held = host_memory.POOL.held_bytes()
+    assert offloaded <= held <= offloaded * 9 // 8 + 4096 * 16, (held, offloaded)
+    assert all(b.idle() for b in host_memory.POOL.blocks)  # the backward let them go
+    block = host_memory.POOL.take(layer_inputs[0].nbytes)
+    assert block.is_pinned() and host_memory.POOL.held_bytes() == held  # reused, registered
+    del block
+    compiled(input_ids=ids, labels=ids).loss.backward()
+    assert host_memory.POOL.held_bytes() == held  # the next step takes the same blocks
 
     import json
     import tempfile

@@ -13,9 +13,10 @@ compute stream goes on while they run.
 On CUDA every copy runs on one transfer stream per device (D2H and H2D copies in the order
 they were started), each after the compute stream's work so far (the tensor it reads is
 complete), and records an event; ``transfer_wait`` makes the compute stream wait on it.
-Host buffers come from torch's pinned-memory allocator, which caches them across steps and
-does not hand a buffer out again before the copies recorded on it are done. Off CUDA (the
-CPU tests) the copies are plain synchronous copies, with the same graph and the same values.
+Host buffers are page-locked blocks of host_memory.POOL, sized to their tensors; a block is
+taken again (by a later step) only after the tensor viewing it died, and its next copy runs
+on the same transfer stream after the copy that read it last. Off CUDA (the CPU tests) the
+copies are plain synchronous copies, with the same graph and the same values.
 
 ``transfer_wait`` returns its input (an alias), so the tensor's users depend on the wait
 and run after it.
@@ -55,7 +56,7 @@ def offload(x: torch.Tensor) -> torch.Tensor:
     STATS["offloaded_bytes"] += x.numel() * x.element_size()
     if not x.is_cuda:
         return x.clone()
-    host = torch.empty(x.shape, dtype=x.dtype, pin_memory=True)
+    host = host_memory.POOL.take(x.numel() * x.element_size()).view(x.dtype).view(x.shape)
     _copy_on_side_stream(host, x, x.device)
     return host
 
