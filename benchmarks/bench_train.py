@@ -122,13 +122,16 @@ def mst_fields(pairs: list[str]) -> dict:
     return {k: ast.literal_eval(v) for k, v in (o.split("=", 1) for o in pairs)}
 
 
-def one_step_parser(description: str) -> argparse.ArgumentParser:
+def one_step_parser(description: str, lengths: bool = False) -> argparse.ArgumentParser:
     """The arguments of the one-step GPU tools (memory_at_peak.py, time_profile.py,
-    compile_profile.py)."""
+    compile_profile.py; one_step.py with ``lengths``: --tokens takes several)."""
     p = argparse.ArgumentParser(description=description)
     p.add_argument("--preset", default="llama-3.2-1b", choices=[k for k in PRESETS if k != "tiny"])
     p.add_argument("--method", default="mst_gc")
-    p.add_argument("--tokens", type=int, default=32768)
+    if lengths:
+        p.add_argument("--tokens", type=int, nargs="+", required=True)
+    else:
+        p.add_argument("--tokens", type=int, default=32768)
     p.add_argument("--mst", nargs="*", default=[], metavar="FIELD=VALUE",
                    help="MSTConfig fields for the mst methods (Python literals)")
     return p

@@ -14,22 +14,17 @@ keeps the lengths it finished.
 
 from __future__ import annotations
 
-import argparse
 import os
 import time
 
 import torch
-from bench_train import build, loss_fn, mst_fields
-from common import PRESETS, inputs, print_result, write_csv
+from bench_train import build, loss_fn, mst_fields, one_step_parser
+from common import inputs, print_result, write_csv
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--preset", default="llama-3.2-1b", choices=[k for k in PRESETS if k != "tiny"])
-    p.add_argument("--method", default="mst_gc_offload")
-    p.add_argument("--tokens", type=int, nargs="+", required=True)
-    p.add_argument("--mst", nargs="*", default=[], metavar="FIELD=VALUE",
-                   help="MSTConfig fields for the mst methods (Python literals)")
+    p = one_step_parser(__doc__.splitlines()[0], lengths=True)
+    p.set_defaults(method="mst_gc_offload")
     p.add_argument("--out", default=os.environ.get("OUT", "."))
     args = p.parse_args()
     model = build(args.preset, args.method, "cuda", None)

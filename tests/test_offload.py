@@ -167,7 +167,7 @@ def test_host_blocks_exact_sizes_reused_once_idle():
     for n in (1, 4096, 5000, 2**20 + 1, int(2.5 * 2**30), 3 * 2**30 + 7):
         size = host_memory.block_size(n)
         assert n <= size <= max(4096, n + n // 8 + 4096) and size % 4096 == 0, n
-    assert host_memory.block_size(int(2.5 * 2**30)) == int(2.5 * 2**30)  # a power of two: 4 GiB
+    assert host_memory.block_size(int(2.5 * 2**30)) == int(2.5 * 2**30)  # torch's allocator: 4 GiB
 
     calls = []
     pool = host_memory.HostPool(register=lambda p, n: calls.append(("reg", n)),
@@ -189,4 +189,3 @@ def test_host_blocks_exact_sizes_reused_once_idle():
     assert calls[-1] == ("unreg", 7 * mib) and pool.held_bytes() == 10 * mib
     assert pool.release_idle() == 10 * mib - 5 * mib  # a still holds its block
     assert a.sum() == 5 * mib / 4
-
