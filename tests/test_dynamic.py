@@ -236,6 +236,22 @@ def test_qwen3_and_gemma3_random_lengths_compile_twice(build):
         assert any("sliding window" in x.detail for x in symbolic.regions if x.kind == "attention"), str(symbolic)
 
 
+def test_head_after_a_symbolic_slice_under_checkpointing():
+    """dynamic=True makes HF's ``logits_to_keep`` a symbol, so the head reads
+    ``hidden[:, -logits_to_keep:]`` of length ``s0 + s1`` (Qwen3 + GC, where the layers'
+    graph break hands the head its own graph): the chunk bodies take the two symbols, not
+    the sum, which bound neither and failed in Inductor. Chunked and exact at two lengths."""
+    torch.manual_seed(0)
+    eager = _qwen3().train()
+    eager.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model = copy.deepcopy(eager)
+    backend = mst_fx.make_backend(chunks=4)
+    _random_length_steps(torch.compile(model, backend=backend, dynamic=True), eager, 2, 128, 256)
+    head = [x for x in backend.report.regions if x.kind == "lm_head"]
+    assert head and all(x.applied for x in head), str(backend.report)
+    assert not [s for s in backend.report.skipped if s.kind == "lm_head"], str(backend.report)
+
+
 @pytest.mark.parametrize("how", ["no_grad", "eval"])
 def test_inference_and_evaluation_are_exact(how):
     torch.manual_seed(0)

@@ -92,13 +92,13 @@ def build_body(owner: GraphModule, nodes: list[Node], data: Node, end: Node,
 
 
 def emit_chunk_loop(owner: GraphModule, data: Node, end: Node, bodies: list[tuple[Body, str, str]],
-                    width: int, symbolic: bool = False) -> Node:
+                    width: int, symbolic: bool = False, size_args: list[Node] = ()) -> Node:
     """Insert, before ``end``, the loop that computes ``end``'s value; returns the new node.
 
     ``bodies`` has one entry per chunk: (body, attribute name, invoke_subgraph identifier).
     Interchangeable bodies share a name, so Inductor compiles them once. ``symbolic``: the
     token dims are symbolic and the same in ``data`` and ``end``; the output takes them
-    from ``data`` at run time.
+    from ``data`` at run time, and every body gets ``size_args`` last (size_inputs).
     """
     g = owner.graph
     ev = value(end)
@@ -115,7 +115,7 @@ def emit_chunk_loop(owner: GraphModule, data: Node, end: Node, bodies: list[tupl
                 owner.add_submodule(attr, body.module)
             piece = g.call_function(operator.getitem, (parts, i))
             call = g.call_function(fx.INVOKE,
-                                   (g.get_attr(attr), ident, piece, *body.externals, *sizes))
+                                   (g.get_attr(attr), ident, piece, *body.externals, *size_args))
             outs.append(fresh(g, g.call_function(operator.getitem, (call, 0))))
         joined = g.call_function(torch.cat, (outs,))
         result = g.call_method("reshape", (joined, out_shape))
@@ -148,6 +148,50 @@ def split_tokens(g: Graph, t: Node, chunks: int, symbolic: bool, rows: list | No
     if not symbolic:
         return g.call_function(torch.tensor_split, (t, chunks))
     return g.call_function(torch.split, (t, rows if rows is not None else symbolic_rows(g, t, chunks)))
+
+
+def size_inputs(owner: GraphModule, data: Node, dims) -> list[tuple[Node, torch.SymInt]]:
+    """What a chunk body takes last so that Inductor can bind its symbolic shapes, as
+    (node in ``owner``, example value): one per free symbol of the symbolic ``dims`` of
+    ``data``, read from the graph input that holds that very symbol (a SymInt input, or a
+    dim of an input tensor). Not the dims themselves, read from ``data``: a dim such as
+    ``s0 + s1`` (HF's ``hidden[:, -logits_to_keep:]`` with a symbolic ``logits_to_keep``)
+    binds neither symbol, and a dim read at run time may carry a symbol the shape
+    environment has since replaced (FSDP2's layer graphs: ``s50``, replaced by ``s26``),
+    which binds only the old name; Inductor then fails on the chunk sizes ("expected [s26]
+    to have been codegen-ed"). Where a symbol has no such input, the dims of ``data``."""
+    sym = [(i, d) for i, d in enumerate(dims) if isinstance(d, torch.SymInt)]
+    wanted = sorted({x for _, d in sym for x in d.node.expr.free_symbols}, key=str)
+    found = _symbol_sources(owner, set(wanted))
+    picks = [found[x] for x in wanted] if len(found) == len(wanted) else [(data, i, d) for i, d in sym]
+    first = next(n for n in owner.graph.nodes if n.op != "placeholder")
+    out = []
+    for node, i, v in picks:
+        if i is None:
+            out.append((node, v))
+            continue
+        with owner.graph.inserting_before(first if node.op == "placeholder" else node.next):
+            out.append((owner.graph.call_method("size", (node, i)), v))
+    return out
+
+
+def _symbol_sources(owner: GraphModule, wanted: set) -> dict:
+    """symbol -> (graph input, dim or None for a SymInt input, its SymInt) for the
+    ``wanted`` symbols that a graph input holds as they are: its SymInt's own expression
+    (``node._expr``, before the shape environment's replacements) is the symbol."""
+    found: dict = {}
+    for n in owner.graph.nodes:
+        if n.op != "placeholder":
+            break
+        v = n.meta.get("example_value")
+        dims = [(None, v)] if isinstance(v, torch.SymInt) else \
+            list(enumerate(v.shape)) if isinstance(v, torch.Tensor) else []
+        for i, d in dims:
+            if isinstance(d, torch.SymInt):
+                raw = getattr(d.node, "_expr", d.node.expr)
+                if raw in wanted and raw == d.node.expr:
+                    found.setdefault(raw, (n, i, d))
+    return found
 
 
 def fresh(g: Graph, y: Node) -> Node:

@@ -41,6 +41,7 @@ from mst_fx.passes.graph.chunking import (
     build_body,
     chunk_rows,
     emit_chunk_loop,
+    size_inputs,
     symbolic_row_labels,
 )
 from mst_fx.passes.graph.projections import Projection, find
@@ -153,9 +154,9 @@ def rewrite(gm: GraphModule, region: Region, names: dict[str, tuple[str, str]]) 
     """Replace the block by the chunk loop. ``names`` maps body keys to (attribute,
     identifier) across the whole compile, so identical bodies are compiled once."""
     plan: MLPPlan = region.plan
-    n_sizes = sum(not isinstance(d, int) for d in value(plan.end).shape[:-1]) if plan.symbolic else 0
+    extra = size_inputs(gm, plan.data, value(plan.data).shape[:-1]) if plan.symbolic else []
     body = build_body(gm, plan.nodes, plan.data, plan.end, checkpoint=plan.wrap,
-                      sizes=n_sizes)
+                      sizes=len(extra))
     per_chunk: list[tuple[Body, str, str]] = []
     rows_of = symbolic_row_labels if plan.symbolic else partial(chunk_rows, region.tokens)
     for rows in rows_of(region.chunks):
@@ -163,7 +164,8 @@ def rewrite(gm: GraphModule, region: Region, names: dict[str, tuple[str, str]]) 
         if key not in names:
             names[key] = fx.body_names(KIND, len(names))
         per_chunk.append((body, *names[key]))
-    new = emit_chunk_loop(gm, plan.data, plan.end, per_chunk, plan.width, plan.symbolic)
+    new = emit_chunk_loop(gm, plan.data, plan.end, per_chunk, plan.width, plan.symbolic,
+                          [x for x, _ in extra])
     plan.end.replace_all_uses_with(new)
     attrs = [a for n in plan.nodes for a in n.all_input_nodes if module_attr(a)]
     for n in reversed(plan.nodes):

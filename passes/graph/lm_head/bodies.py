@@ -41,11 +41,11 @@ def full_body(owner: GraphModule, plan: HeadPlan, rest: GraphModule, n_sizes: in
 
 
 def grad_body(plan: HeadPlan, rest: GraphModule, rows, need_h: bool, need_w: bool,
-               grad_whole: list[int], n_sizes: int = 0) -> GraphModule:
+               grad_whole: list[int], sizes: list = ()) -> GraphModule:
     """make_fx graph of one chunk's loss and gradients (see the module docstring). ``rows``:
     the chunk's row count; when symbolic, the body is traced at that count in the graph's
-    own shape environment, and takes ``n_sizes`` unused size inputs last (see
-    mst_fx.passes.graph.chunking.build_body)."""
+    own shape environment, and takes the SymInts ``sizes`` as unused inputs last (see
+    mst_fx.passes.graph.chunking.size_inputs)."""
     from torch.fx.experimental.proxy_tensor import make_fx
 
     whole = whole_inputs(plan)
@@ -88,6 +88,6 @@ def grad_body(plan: HeadPlan, rest: GraphModule, rows, need_h: bool, need_w: boo
         for t in plan.per_token:
             v = value(t)
             examples.append(torch.empty((rows,), dtype=v.dtype, device=v.device))
-        examples += [d for d in dv.shape[:-1] if not isinstance(d, int)][:n_sizes]
+        examples += list(sizes)
         gm = make_fx(body, tracing_mode="symbolic" if plan.symbolic else "real")(*examples)
     return gm

@@ -12,7 +12,14 @@ from torch.fx import Graph, GraphModule, Node
 from torch.fx.node import map_arg
 
 from mst_fx import fx
-from mst_fx.passes.graph.chunking import checkpoint_wrapped, chunk_rows, fresh, split_tokens, symbolic_rows
+from mst_fx.passes.graph.chunking import (
+    checkpoint_wrapped,
+    chunk_rows,
+    fresh,
+    size_inputs,
+    split_tokens,
+    symbolic_rows,
+)
 from mst_fx.passes.graph.lm_head.bodies import full_body, grad_body
 from mst_fx.passes.graph.lm_head.detect import (
     KIND,
@@ -123,7 +130,7 @@ def _emit_forward(gm: GraphModule, plan: HeadPlan, rest: GraphModule, rows: list
         hd = cursor.method("detach", flat)
         wd = cursor.method("detach", plan.weight)
         whole_d = [cursor.method("detach", w) for w in whole]
-        split, sizes, n_tokens, body_sizes = _splitter(g, cursor, plan, flat, len(rows))
+        split, sizes, n_tokens, body_sizes = _splitter(gm, cursor, plan, flat, len(rows))
         parts = split(hd)
         tok_parts = [split(cursor.method("reshape", cursor.method("detach", t), (-1,))) for t in plan.per_token]
         acc = None  # the weight gradient: the first chunk's product, then added into
@@ -136,10 +143,11 @@ def _emit_forward(gm: GraphModule, plan: HeadPlan, rest: GraphModule, rows: list
             if plan.symbolic:
                 start = cursor.fn(operator.mul, sizes[0], k)
             attr, ident = _body_name(gm, plan, rest, names, n, "forward", need_h, need_w, grad_whole,
-                                     len(body_sizes))
+                                     [v for _, v in body_sizes])
             piece = cursor.fn(operator.getitem, parts, k)
             toks = [cursor.fn(operator.getitem, p, k) for p in tok_parts]
-            call = cursor.fn(fx.INVOKE, cursor.get_attr(attr), ident, piece, wd, *whole_d, *toks, *body_sizes)
+            call = cursor.fn(fx.INVOKE, cursor.get_attr(attr), ident, piece, wd, *whole_d, *toks,
+                             *(x for x, _ in body_sizes))
             n_out = 1 + need_h + need_w + len(grad_whole) + len(bufs)
             got = [cursor.fn(operator.getitem, call, i) for i in range(n_out)]  # body outputs
             sums.append(got.pop(0))
@@ -201,7 +209,7 @@ def _emit_recompute(gm: GraphModule, plan: HeadPlan, rest: GraphModule, rows: li
     with g.inserting_before(plan.after.next):
         cursor = _Cursor(g)
         flat = cursor.method("reshape", plan.data, (-1, plan.width))
-        split, sizes, n_tokens, body_sizes = _splitter(g, cursor, plan, flat, len(rows))
+        split, sizes, n_tokens, body_sizes = _splitter(gm, cursor, plan, flat, len(rows))
         parts = split(flat)
         tok_parts = [split(cursor.method("reshape", t, (-1,))) for t in plan.per_token]
         logit_exits = [e for e in outs if e.kind == "logits"]
@@ -213,11 +221,12 @@ def _emit_recompute(gm: GraphModule, plan: HeadPlan, rest: GraphModule, rows: li
         for k, n in enumerate(rows):
             if plan.symbolic:
                 start = cursor.fn(operator.mul, sizes[0], k)
-            attr, ident = _body_name(gm, plan, rest, names, n, "recompute", True, True, [], len(body_sizes))
+            attr, ident = _body_name(gm, plan, rest, names, n, "recompute", True, True, [],
+                                     [v for _, v in body_sizes])
             piece = cursor.fn(operator.getitem, parts, k)
             toks = [cursor.fn(operator.getitem, p, k) for p in tok_parts]
             call = cursor.fn(fx.INVOKE, cursor.get_attr(attr), ident, piece, *plan.proj_inputs(), *whole, *toks,
-                             *body_sizes)
+                             *(x for x, _ in body_sizes))
             for i, e in enumerate(outs):
                 y = cursor.fn(operator.getitem, call, i)
                 if e.kind == "logits":
@@ -240,15 +249,16 @@ def _emit_recompute(gm: GraphModule, plan: HeadPlan, rest: GraphModule, rows: li
     return [new[e.node] for e in plan.exits]
 
 
-def _splitter(g: Graph, cursor, plan: HeadPlan, flat: Node, chunks: int):
+def _splitter(gm: GraphModule, cursor, plan: HeadPlan, flat: Node, chunks: int):
     """How the loop cuts the tokens: (split function, row-count nodes or None, token count,
-    size nodes passed to every body). Symbolic token counts: see mst_fx.passes.graph.chunking (no guard
-    on n; the bodies take the symbolic sizes so that Inductor can bind their shapes)."""
+    (node, example) of the sizes passed to every body). Symbolic token counts: see
+    mst_fx.passes.graph.chunking (no guard on n; the bodies take the symbolic sizes so that
+    Inductor can bind their shapes: chunking.size_inputs)."""
+    g = gm.graph
     if not plan.symbolic:
         return (lambda t: split_tokens(g, t, chunks, False)), None, plan.tokens, []
     sizes = symbolic_rows(g, flat, chunks)
-    body_sizes = [cursor.method("size", plan.data, i) for i, d in enumerate(value(plan.data).shape[:-1])
-                  if not isinstance(d, int)]
+    body_sizes = size_inputs(gm, plan.data, value(plan.data).shape[:-1])
     return (lambda t: split_tokens(g, t, chunks, True, sizes)), sizes, cursor.method("size", flat, 0), body_sizes
 
 
@@ -303,22 +313,23 @@ class _Cursor:
 
 
 def _body_name(gm: GraphModule, plan: HeadPlan, rest: GraphModule, names: dict, rows: int,
-               mode: str, need_h: bool, need_w: bool, grad_whole: list[int], n_sizes: int = 0) -> tuple[str, str]:
+               mode: str, need_h: bool, need_w: bool, grad_whole: list[int], sizes: list = ()) -> tuple[str, str]:
     """The attribute and invoke_subgraph identifier of the body for chunks of ``rows``
     tokens, built on first use; equal heads (same code, shapes, dtypes) share one."""
     whole = whole_inputs(plan)
     sig = [(tuple(value(a).shape), str(value(a).dtype))
            for a in [plan.data] + plan.proj_inputs() + whole + plan.per_token]
     proj = plan.adapted.key if plan.adapted is not None else plan.matmul
-    key = f"{KIND}|{rest.code}|{mode}|{proj}|{need_h}|{need_w}|{grad_whole}|{sig}|rows={rows}|sizes={n_sizes}"
+    key = (f"{KIND}|{rest.code}|{mode}|{proj}|{need_h}|{need_w}|{grad_whole}|{sig}|rows={rows}"
+           f"|sizes={[str(x) for x in sizes]}")
     if key not in names:
         i = len(names)
         attr, ident = fx.body_names(KIND, i)
         if mode == "forward":
-            body = grad_body(plan, rest, rows, need_h, need_w, grad_whole, n_sizes)
+            body = grad_body(plan, rest, rows, need_h, need_w, grad_whole, list(sizes))
         else:
-            n_in = 1 + len(plan.proj_inputs()) + len(whole) + len(plan.per_token) + n_sizes
-            body = checkpoint_wrapped(full_body(gm, plan, rest, n_sizes), n_in, len(plan.exits))
+            n_in = 1 + len(plan.proj_inputs()) + len(whole) + len(plan.per_token) + len(sizes)
+            body = checkpoint_wrapped(full_body(gm, plan, rest, len(sizes)), n_in, len(plan.exits))
         names[key] = (attr, ident, body)
     attr, ident, body = names[key]
     if not hasattr(gm, attr):
