@@ -125,13 +125,15 @@ class MSTBackend:
         saved = engine.snapshot(gm)
         try:
             with outside_autograd_hooks():
-                report = engine.rewrite(gm, self.config)
+                report = engine.rewrite(gm, self._pass_config())
         except RestartAnalysis:
             raise
         except Exception as e:  # noqa: BLE001 - a pass bug must not break the user's compile
             log.warning("mst_fx: rewrite failed, compiling the graph unchanged: %r", e)
             engine.restore(saved)
             report = engine_failure(gm, self.config, f"rewrite failed: {e!r}")
+        if self.config.sequence_parallel is not None:
+            report.extend(self._sequence_parallel(gm))
         report.symbols = symbols_of(example_inputs)
         note_ddp_pieces(report)
         self.reports.append(report)
@@ -160,6 +162,10 @@ class MSTBackend:
                 return self._without_flex(gm, example_inputs, flex, why)
             log.warning("mst_fx: Inductor failed on the graph as mst_fx changed it, compiling it "
                         "unchanged with plain Inductor: %r", e)
+            sp = Report()
+            if self.config.sequence_parallel is not None:  # unchanged but for attention
+                sp = self._sequence_parallel(gm)
+                report.extend(sp)
             for r in applied:
                 r.applied = False
                 report.skipped.append(Skipped(r.kind, r.where, f"Inductor failed on the rewrite: {why}", Reason.FAILED))
@@ -167,7 +173,9 @@ class MSTBackend:
                 report.skipped.append(Skipped("backend", "<graph>", f"Inductor failed with mst_fx's "
                                               f"decompositions, compiled as plain torch.compile: {why}",
                                               Reason.FAILED))
-            return plain(gm, example_inputs)
+            for r in sp.regions:
+                counters["mst_fx"][r.kind] += 1
+            return count_runs(plain(gm, example_inputs), sp.regions)
         if offload is not None:
             report.note_offload(offload.plans, "no plan: the graph has no backward, or its compiled "
                                 "form came from Inductor's cache (explain() derives it again)")
@@ -181,6 +189,24 @@ class MSTBackend:
             if hasattr(graph_pass, "wrap_compiled") and any(r.kind == kind for r in applied):
                 compiled = graph_pass.wrap_compiled(compiled, gm)
         return compiled
+
+    def _pass_config(self) -> MSTConfig:
+        """The config the graph passes get: under sequence parallelism the attention pass
+        makes no flex calls, so the masks it does not drop stay for the sequence-parallel
+        pass to build over the whole sequence."""
+        if self.config.sequence_parallel is None:
+            return self.config
+        return self.config.replace(flex_attention="off")
+
+    def _sequence_parallel(self, gm) -> Report:
+        """Every attention call of ``gm`` run over the whole sequence of the group's ranks
+        (passes/graph/sequence_parallel.py); raises SequenceParallelError where it cannot be."""
+        from mst_fx.passes.graph import sequence_parallel
+
+        report = sequence_parallel.apply(gm, self.config, engine.module_path)
+        for mod, _ in engine.graph_modules(gm):
+            engine.fill_example_values(mod)
+        return report
 
     def _partitioner(self) -> OffloadingPartitioner | None:
         """The partitioner that offloads saved tensors, if the config asks for it (it chains

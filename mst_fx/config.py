@@ -84,6 +84,12 @@ class MSTConfig:
             compiles; explain() lists what is offloaded.
         offload_min_bytes: the size floor for saved tensors that are not checkpoint
             boundaries (at the size the graph is compiled for).
+        sequence_parallel: the process group (a ProcessGroup, a 1-D DeviceMesh or a group's
+            name; stored as the name) whose ranks each hold a piece of every sequence
+            (DeepSpeed-Ulysses; see mst_fx.sequence_parallel, whose ``shard`` cuts a batch).
+            Every attention call then runs over the whole sequence between two all-to-alls;
+            a graph whose attention cannot be made so raises SequenceParallelError.
+            ``None``: each rank's tokens are its own sequences.
 
     Example:
         >>> MSTConfig(chunks=8).chunks
@@ -105,6 +111,7 @@ class MSTConfig:
     flex_attention: str = "cuda"
     offload: bool = False
     offload_min_bytes: int = 32 * 2**20
+    sequence_parallel: str | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.passes, str) or not isinstance(self.passes, (tuple, list)):
@@ -131,6 +138,10 @@ class MSTConfig:
             raise ValueError(f"MSTConfig.flex_attention must be one of {FLEX_ATTENTION}, "
                              f"got {self.flex_attention!r}")
         _check_int("offload_min_bytes", self.offload_min_bytes, minimum=0)
+        if self.sequence_parallel is not None:
+            from mst_fx.sequence_parallel import group_name
+
+            object.__setattr__(self, "sequence_parallel", group_name(self.sequence_parallel))
         for name in ("fp32_weight_grad", "recompute_in_checkpoint", "native_embedding_backward",
                      "recompute_embedding", "offload"):
             if not isinstance(getattr(self, name), bool):
