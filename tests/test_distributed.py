@@ -86,3 +86,35 @@ def test_fsdp2_with_gradient_checkpointing_qwen3(tmp_path):
     check_exact(r)
     assert r["rewrites"] == {"mlp": 1, "lm_head": 1}, r["rewrites"]
     assert r["runs"] == {"mlp": 2, "lm_head": 1}, r["runs"]
+
+
+def check_sequence_parallel(r: dict, layers: int, with_gc: bool) -> None:
+    """Exact against the whole sequence in one process, and the all-to-alls are those of
+    the attention calls (two each way a layer, two more per recompute), none per chunk."""
+    assert r["loss_diff"] <= 1e-5, r["loss_diff"]
+    worst = max(r["grad_diff"].values())
+    assert len(r["grad_diff"]) >= 20 and worst <= 1e-5 * max(1.0, r["grad_scale"]), r["grad_diff"]
+    assert r["runs"].get("sequence_parallel") == layers, r["runs"]
+    assert r["calls"].get("c10d::alltoall_base_") == layers * (12 if with_gc else 8), r["calls"]
+
+
+def test_sequence_parallel_qwen3_gc_ddp_symbolic(tmp_path):
+    """Ulysses over 2 ranks, Qwen3 with HF gradient checkpointing under DDP on the same
+    group, one symbolic graph serving two lengths: the causal mask HF builds is read back
+    and made for the whole sequence; the MLPs are chunked per rank."""
+    r = run_worker("sp", tmp_path)
+    check_sequence_parallel(r, layers=2, with_gc=True)
+    assert r["graphs"] <= 2 and r["runs"].get("mlp") == 2 and r["runs"].get("lm_head") == 1, r
+    assert any("allreduce" in c for c in r["calls"]), r["calls"]
+
+
+def test_sequence_parallel_llama_fsdp2_per_layer(tmp_path):
+    """Ulysses with fully_shard per layer and at the root on the same 2 ranks, three
+    lengths under the default dynamic=None (the measured step on the symbolic graphs):
+    FSDP2's gathers and reduce-scatters stay one per layer, attention needs no mask
+    (causal), and every layer graph is chunked at the symbolic length too."""
+    r = run_worker("sp_fsdp", tmp_path)
+    check_sequence_parallel(r, layers=2, with_gc=False)
+    assert not any("Inductor failed" in x for x in r["reasons"]), r["reasons"]
+    assert r["runs"] == {"mlp": 2, "sequence_parallel": 2, "lm_head": 1}, r["runs"]
+    assert r["calls"].get("c10d::_reduce_scatter_base_", 0) <= 3, r["calls"]

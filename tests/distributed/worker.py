@@ -24,12 +24,12 @@ import transformers
 SEQ, VOCAB = 256, 512
 WORLD = int(os.environ.get("WORLD", "2"))
 DEVICE = os.environ.get("DEVICE", "cpu")
-SETUPS = ("ddp", "ddp_whole", "fsdp", "fsdp_gc")
+SETUPS = ("ddp", "ddp_whole", "fsdp", "fsdp_gc", "sp", "sp_fsdp")
 
 
 def model(setup: str) -> torch.nn.Module:
     torch.manual_seed(0)
-    if setup == "fsdp_gc":  # the second family: Qwen3 (q/k norms)
+    if setup in ("fsdp_gc", "sp"):  # the second family: Qwen3 (q/k norms)
         m = transformers.Qwen3ForCausalLM(transformers.Qwen3Config(
             vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, head_dim=16, intermediate_size=176))
@@ -41,7 +41,9 @@ def model(setup: str) -> torch.nn.Module:
 
 
 def wrap(m: torch.nn.Module, setup: str) -> torch.nn.Module:
-    if setup.startswith("ddp"):
+    if setup == "sp":
+        m.gradient_checkpointing_enable()
+    if setup.startswith("ddp") or setup == "sp":
         from torch.nn.parallel import DistributedDataParallel
 
         # Buckets of ~1/10 of the model, as a 1B model's 25 MiB buckets are of it; DDP's
@@ -70,7 +72,7 @@ class Calls:
         self.profile.__exit__(*exc)
         self.count = {}
         for e in self.profile.events():
-            if e.name.startswith("c10d::") or e.name.startswith("nccl:"):
+            if e.name.startswith(("c10d::", "nccl:", "_c10d_functional::all_to_all", "_c10d_functional::all_gather")):
                 self.count[e.name] = self.count.get(e.name, 0) + 1
 
 
@@ -98,6 +100,28 @@ def step(setup: str, ids: torch.Tensor, rank: int, backend):
     return loss.detach(), full_grads(m), calls.count
 
 
+def sp_step(setup: str, ids: torch.Tensor, backend):
+    """Sequence parallel: every rank holds its piece of the same sequence. "sp" compiles
+    one symbolic graph (dynamic=True) and steps at two lengths on it; "sp_fsdp" steps at
+    three under the default dynamic=None (a static graph, then a symbolic one per frame, as
+    a run of varying lengths gets). The last step is measured."""
+    from torch._dynamo.utils import counters
+
+    from mst_fx.sequence_parallel import shard
+
+    m = wrap(model(setup), setup)
+    compiled = torch.compile(m, backend=backend, dynamic=True if setup == "sp" else None)
+    for n in ([SEQ - 64] if setup == "sp" else [SEQ - 64, SEQ - 32]):
+        warm = ids[:, :n]
+        compiled(**shard(dist.group.WORLD, warm, warm)).loss.backward()
+    m.zero_grad(set_to_none=True)
+    counters["mst_fx_run"].clear()
+    with Calls() as calls:
+        loss = compiled(**shard(dist.group.WORLD, ids, ids)).loss
+        loss.backward()
+    return loss.detach(), full_grads(m), calls.count
+
+
 def main(rank: int, setup: str, port: int, out: str) -> None:
     from torch._dynamo.utils import counters
 
@@ -112,19 +136,28 @@ def main(rank: int, setup: str, port: int, out: str) -> None:
     backend = mst_fx.make_backend(chunks=4, min_chunk_tokens=1)
     # "ddp": Dynamo's default DDPOptimizer split; "ddp_whole": the recipe (one graph).
     torch._dynamo.config.optimize_ddp = setup == "ddp"
-    loss, grads, calls = step(setup, ids, rank, backend)
+    if setup.startswith("sp"):  # one sequence, cut over the ranks
+        ids = ids[:1]
+        backend = mst_fx.make_backend(chunks=4, min_chunk_tokens=1, sequence_parallel=dist.group.WORLD)
+        loss, grads, calls = sp_step(setup, ids, backend)
+        plain_loss, plain_calls = loss, None  # plain torch.compile has no sequence parallelism
+    else:
+        loss, grads, calls = step(setup, ids, rank, backend)
     rewrites, runs = dict(counters["mst_fx"]), dict(counters["mst_fx_run"])
-    torch._dynamo.reset()
-    plain_loss, _, plain_calls = step(setup, ids, rank, "inductor")
+    if not setup.startswith("sp"):
+        torch._dynamo.reset()
+        plain_loss, _, plain_calls = step(setup, ids, rank, "inductor")
     losses = [torch.zeros((), device=DEVICE) for _ in range(WORLD)]
     dist.all_gather(losses, loss)
     if rank == 0:
         ref = model(setup)
-        if setup == "fsdp_gc":
+        if setup in ("fsdp_gc", "sp"):
             ref.gradient_checkpointing_enable()
         ref(input_ids=ids, labels=ids).loss.backward()
         want = {n: p.grad for n, p in ref.named_parameters()}
-        global_loss = torch.stack(losses).mean()  # equal token counts: the mean of the ranks' means
+        # equal token counts: the mean of the ranks' means; under sequence parallelism the
+        # mean of the ranks' losses by construction (mst_fx.sequence_parallel.shard)
+        global_loss = torch.stack(losses).mean()
         ref_loss = ref(input_ids=ids, labels=ids).loss.detach()
         result = dict(
             loss_diff=float((global_loss - ref_loss).abs()),
@@ -132,6 +165,8 @@ def main(rank: int, setup: str, port: int, out: str) -> None:
             grad_scale=max(float(g.abs().max()) for g in want.values()),
             rewrites=rewrites, runs=runs,
             reasons=sorted({f"{s.kind}: {s.reason}" for s in backend.report.skipped}),
+            details=sorted({f"{r.kind}: {r.detail}" for r in backend.report.regions if r.applied}),
+            graphs=len(backend.reports),
             calls=calls, plain_calls=plain_calls, plain_loss_diff=float((plain_loss - loss).abs()))
         with open(out, "w") as f:
             json.dump(result, f)
