@@ -11,6 +11,7 @@ and compiles that: an unsupported graph never breaks torch.compile.
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
 import logging
 
@@ -23,6 +24,7 @@ from mst_fx.config import MSTConfig
 from mst_fx.distributed import note_ddp_pieces
 from mst_fx.identity import rewrite_identity
 from mst_fx.passes import PASSES
+from mst_fx.passes.graph.attention import crossing
 from mst_fx.passes.joint.embedding_recompute import RecomputeEmbeddings
 from mst_fx.passes.partition import OffloadingPartitioner
 from mst_fx.passes.post_grad.pipeline import PostGradPasses
@@ -116,6 +118,23 @@ class MSTBackend:
         self.reports: list[Report] = []
 
     def __call__(self, gm: torch.fx.GraphModule, example_inputs):
+        # Masks that cross graph breaks (passes/graph/attention/crossing.py): the readings
+        # of this graph's mask outputs are recorded when it runs, and the inputs that carry
+        # one are checked against it before the rewrite that relied on it runs.
+        found = crossing.marks(gm)
+        inputs = [n.name for n in gm.graph.find_nodes(op="placeholder")]
+        original = None
+        if crossing.annotate(gm):
+            original = torch.fx.GraphModule(gm, copy.deepcopy(gm.graph))
+        compiled = self._compile(gm, example_inputs)
+        assumed = {(inputs.index(name), gm.graph.find_nodes(op="placeholder")[inputs.index(name)]
+                    .meta[crossing.READING].key)
+                   for r in self.reports[-1].regions if r.applied for name in r.assumes}
+        if assumed:
+            compiled = crossing.guarded(compiled, original, sorted(assumed))
+        return crossing.tagging(compiled, found)
+
+    def _compile(self, gm: torch.fx.GraphModule, example_inputs):
         from torch._inductor.compile_fx import compile_fx as inductor
 
         plain = self.compiler or inductor
@@ -226,7 +245,7 @@ class MSTBackend:
                     "with its masks kept: %s", why)
         self.reports.pop()
         retry = MSTBackend(self.config.replace(flex_attention="off"), self.compiler)
-        compiled = retry(gm, example_inputs)
+        compiled = retry._compile(gm, example_inputs)
         report = retry.reports[-1]
         where = {r.where for r in flex}
         for s in report.skipped:

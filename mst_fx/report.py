@@ -25,7 +25,9 @@ class Region:
     needs to know of a region is a field: ``aliases_inputs``, its chunk bodies are
     differentiated by autograd and may return their inputs as saved values (Inductor's
     buffer reuse must be off, see mst_fx.backend); ``flex``, it calls flex_attention (the
-    backend compiles again without it if Inductor fails).
+    backend compiles again without it if Inductor fails); ``assumes``, the graph inputs
+    (placeholder names) whose mask it took as read in an earlier graph (the backend checks
+    them at run time, see attention/crossing.py).
     """
 
     kind: str
@@ -37,6 +39,7 @@ class Region:
     applied: bool = False
     aliases_inputs: bool = False
     flex: bool = False
+    assumes: tuple[str, ...] = ()
     plan: Any = field(default=None, repr=False, compare=False)
 
 

@@ -18,11 +18,11 @@ sequence parallelism it does not make flex calls), so what it meets is:
   [B, 1, S, S] mask for SDPA.
 
 What it cannot make right raises SequenceParallelError instead of leaving the graph
-unchanged: unchanged, attention would see only the rank's own tokens. That is a mask
-given as a graph input, one that depends on the head, per-token values computed from the
-local length, written-out attention (softmax of q @ k^T), a flex_attention call of the
-model's own, cross-attention (queries and keys of different lengths), or a head count the
-group's size does not divide.
+unchanged: unchanged, attention would see only the rank's own tokens. That is a mask given
+as a graph input with no reading from the graph that built it (attention/crossing.py), one
+that depends on the head, per-token values computed from the local length, written-out
+attention (softmax of q @ k^T), a flex_attention call of the model's own, cross-attention
+(queries and keys of different lengths), or a head count the group's size does not divide.
 """
 
 from __future__ import annotations
@@ -39,8 +39,7 @@ from mst_fx import sequence_parallel as sp
 from mst_fx.config import MSTConfig
 from mst_fx.passes.graph import attention
 from mst_fx.passes.graph.attention import flex
-from mst_fx.passes.graph.attention.masks import MaskMod, extract, mask_sizes
-from mst_fx.passes.graph.attention.prover import prove
+from mst_fx.passes.graph.attention.masks import MaskMod, mask_sizes
 from mst_fx.passes.graph.tokenwise import arg_of, hint, same_size, size_node, value
 from mst_fx.report import Region, Report, Skip
 
@@ -61,6 +60,7 @@ class SPPlan:
     mask_mod: MaskMod | None = None  # set when the mask is built for the whole sequence
     is_causal: bool = False
     flex: bool = False
+    assumes: tuple = ()  # graph inputs whose mask an earlier graph read (attention/crossing.py)
 
 
 @dataclass
@@ -91,7 +91,7 @@ def apply(gm: GraphModule, config: MSTConfig, where) -> Report:
         v = value(plan.args["query"])
         report.regions.append(Region(kind=KIND, where=where([plan.call]), tokens=hint(v.shape[2]) * P,
                                      chunks=P, bytes_saved=0, detail=detail, applied=True,
-                                     flex=plan.flex))
+                                     flex=plan.flex, assumes=plan.assumes))
     for mod, _ in {id(m): (m, 0) for m, _ in fx.checkpoint_bodies(gm)}.values():
         mod.graph.lint()
         mod.recompile()
@@ -125,7 +125,7 @@ def _plan(n: Node, owner: GraphModule, path: list, P: int, config: MSTConfig, wh
     mask = args["attn_mask"]
     if mask is None:
         return plan
-    if _mask_input(mask, path):
+    if _mask_input(mask, path) and not _carried(mask, path):
         raise SequenceParallelError(
             f"{here}: the attention mask is an input of this graph, computed from this rank's tokens by "
             f"the code before it (a graph break: FSDP2's per-layer hooks, or an eager module); it cannot "
@@ -136,10 +136,9 @@ def _plan(n: Node, owner: GraphModule, path: list, P: int, config: MSTConfig, wh
             raise Skip(attention.Reason.MASK, "the mask is not a graph value")
         outer, plan.path = attention._outer(mask, path)
         sizes = mask_sizes(args["query"], args["key"])
-        mm = extract(outer, sizes)
+        mm, verdict, plan.assumes = attention.read_mask(outer, sizes)
     except Skip as e:
         raise SequenceParallelError(f"{here}: its mask cannot be built for the whole sequence: {e}") from None
-    verdict = prove(mm, sizes)
     plan.mask = outer
     if verdict.kind in ("causal", "full"):
         plan.is_causal = verdict.kind == "causal"
@@ -201,7 +200,7 @@ def _whole_mask(home: GraphModule, mask: Node, mm: MaskMod, batch, s, like: torc
     bufs = [_whole(b, home, s, P, name, shared) for b in mm.buffers]
     B = batch if "b" in mm.uses else 1
     g = home.graph
-    with g.inserting_after(mask):
+    with attention.insertion_point(home, mask, None):
         attr = g.get_attr(attention._attr(home, mm.module, shared.attention))
     b_arg = size_node(home, B, attr)
     s_arg = size_node(home, s, attr)
@@ -235,6 +234,15 @@ def _mask_input(mask, path: list) -> bool:
         i = [p for p in step.body.graph.nodes if p.op == "placeholder"].index(node)
         node, k = step.call.args[1 + i], k - 1
     return isinstance(node, Node) and node.op == "placeholder"
+
+
+def _carried(mask, path: list) -> bool:
+    """Whether the graph input ``mask`` comes from has a reading of an earlier graph."""
+    try:
+        attention._outer(mask, path)
+    except Skip:
+        return False
+    return True
 
 
 def _whole(node: Node, home: GraphModule, s, P: int, name: str, shared: _Shared):

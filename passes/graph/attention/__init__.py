@@ -33,6 +33,11 @@ softcapping) is matched from its softmax: q @ k^T, constant elementwise ops on t
 to flex_attention when no query row can be empty (masks.diagonal_allowed), since eager
 averages an empty row (finite additive mask) where flex_attention gives zeros.
 
+A mask that is an input of the graph (built in an earlier graph, past a graph break such
+as FSDP2's per-layer hooks) is taken as the reading that graph made of it, where it made
+one (crossing.py, beside this file); the backend checks at run time that the input is
+still that mask.
+
 Rewriting changes only the attention calls: the mask's values in the new graph come from
 the same nodes, so results never change beyond kernel rounding. A mask that no call
 uses any more is removed (and its arguments to checkpointed bodies with it).
@@ -51,9 +56,9 @@ from torch.fx import GraphModule, Node
 from mst_fx import fx
 from mst_fx.config import MSTConfig
 from mst_fx.fx import Step
-from mst_fx.passes.graph.attention import flex
+from mst_fx.passes.graph.attention import crossing, flex
 from mst_fx.passes.graph.attention.masks import MaskMod, extract, mask_sizes
-from mst_fx.passes.graph.attention.prover import constant_value, diagonal_allowed, prove
+from mst_fx.passes.graph.attention.prover import Verdict, constant_value, diagonal_allowed, prove
 from mst_fx.passes.graph.tokenwise import arg_of, hint, same_size, size_node, value
 from mst_fx.report import Reason, Region, Report, Skip, Skipped
 
@@ -189,8 +194,7 @@ def _plan(n: Node, owner: GraphModule, path: list[Step], shared: Shared, where,
     mask, path = _outer(mask, path)
     _check_unshared(path)
     sizes = mask_sizes(q, k)
-    mm = extract(mask, sizes)
-    verdict = prove(mm, sizes)
+    mm, verdict, assumes = read_mask(mask, sizes)
     held = hint(sizes["b"]) * hint(sizes["q"]) * hint(sizes["kv"])  # a bool per (batch, q, kv), at least
     if verdict.kind in ("causal", "full"):
         detail = f"{verdict.kind}: mask dropped ({verdict.reason})" + (f"; {gqa}" if gqa else "")
@@ -213,8 +217,22 @@ def _plan(n: Node, owner: GraphModule, path: list[Step], shared: Shared, where,
                          shared, shared_kv=shared_kv)
     if mode == "flex":
         plan.layout = _fake_layout(plan)
+    if assumes:  # the mask was built and is held by the earlier graph's caller all the same
+        detail += "; read where an earlier graph built it, checked at run time"
+        held = gqa_bytes if mode != "flex" else 0
     return Region(kind=KIND, where=where([n]), tokens=hint(sizes["q"]), chunks=0, bytes_saved=held,
-                  detail=detail + _symbolic_note(sizes), flex=mode == "flex", plan=plan)
+                  detail=detail + _symbolic_note(sizes), flex=mode == "flex", plan=plan, assumes=assumes)
+
+
+def read_mask(mask: Node, sizes: dict) -> tuple[MaskMod | None, Verdict, tuple[str, ...]]:
+    """The mask's mask_mod and verdict, and the graph inputs that rely on a reading made
+    in another graph (crossing.py): a mask that is a graph input has one, or raises Skip."""
+    if mask.op != "placeholder":
+        mm = extract(mask, sizes)
+        return mm, prove(mm, sizes), ()
+    r = crossing.of(mask, sizes["q"], sizes["kv"])
+    kind = r.kind if r.kind in ("causal", "full") else "mask"
+    return r.mask_mod, Verdict(kind, r.reason), (mask.name,)
 
 
 def _symbolic_note(sizes: dict) -> str:
@@ -503,7 +521,7 @@ def _outer(node: Node, path: list[Step]) -> tuple[Node, list[Step]]:
         if i >= len(operands) or not isinstance(operands[i], Node):
             raise Skip(Reason.UNSUPPORTED, "a checkpointed body argument it cannot follow")
         node, k = operands[i], k - 1
-    if node.op == "placeholder":
+    if node.op == "placeholder" and crossing.READING not in node.meta:
         raise Skip(Reason.MASK, "the mask is a graph input (computed outside the compiled graph)")
     return node, path[k:]
 
@@ -540,7 +558,7 @@ def _block_mask(home: GraphModule, plan: AttentionPlan) -> tuple[list[Node], tup
     B, H = _mask_heads(plan)
     device = value(plan.call.args[0]).device
     g = home.graph
-    with g.inserting_after(plan.mask) if plan.mask is not None else g.inserting_before(plan.call):
+    with insertion_point(home, plan.mask, plan.call):
         attr = g.get_attr(_attr(home, mm.module, plan.shared))
     # Symbolic sizes (dynamic shapes) are read from the graph at run time: the block mask is
     # built for the current length, with no recompile per length.
@@ -555,6 +573,17 @@ def _block_mask(home: GraphModule, plan: AttentionPlan) -> tuple[list[Node], tup
             parts.append(last)
     plan.shared.block_masks[key] = (parts, lay)
     return parts, lay
+
+
+def insertion_point(home: GraphModule, mask: Node | None, call: Node):
+    """Where a mask's derived values go in ``home``: after the mask, or after the inputs
+    when the mask is one; before ``call`` when there is no mask."""
+    g = home.graph
+    if mask is None:
+        return g.inserting_before(call)
+    if mask.op == "placeholder":
+        return g.inserting_before(next(n for n in g.nodes if n.op != "placeholder"))
+    return g.inserting_after(mask)
 
 
 def _mask_heads(plan: AttentionPlan) -> tuple:
