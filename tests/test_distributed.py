@@ -72,10 +72,12 @@ def test_ddp_bucket_split_names_its_cause(tmp_path):
 
 def test_fsdp2_per_layer_chunks_with_the_layers_all_gather(tmp_path):
     """fully_shard per decoder layer and at the root: its hooks break the graph at every
-    layer; each layer's MLP and the head are chunked, with no collective per chunk."""
+    layer; each layer's MLP and the head are chunked, with no collective per chunk. The
+    causal mask is built in the root's graph (the worker makes HF build it, as transformers
+    5.17 does) and read back in each layer's graph: attention is rewritten there too."""
     r = run_worker("fsdp", tmp_path)
     check_exact(r)
-    assert r["runs"] == {"mlp": 2, "lm_head": 1}, r["runs"]
+    assert r["runs"] == {"mlp": 2, "lm_head": 1, "attention": 2}, (r["runs"], r["reasons"])
     assert any("allgather" in c for c in r["calls"]) and any("reduce_scatter" in c for c in r["calls"])
 
 
@@ -111,10 +113,11 @@ def test_sequence_parallel_qwen3_gc_ddp_symbolic(tmp_path):
 def test_sequence_parallel_llama_fsdp2_per_layer(tmp_path):
     """Ulysses with fully_shard per layer and at the root on the same 2 ranks, three
     lengths under the default dynamic=None (the measured step on the symbolic graphs):
-    FSDP2's gathers and reduce-scatters stay one per layer, attention needs no mask
-    (causal), and every layer graph is chunked at the symbolic length too."""
+    FSDP2's gathers and reduce-scatters stay one per layer, the causal mask HF builds in
+    the root's graph is read back in each layer's graph (transformers 5.17's way, where it
+    raised before), and every layer graph is chunked at the symbolic length too."""
     r = run_worker("sp_fsdp", tmp_path)
     check_sequence_parallel(r, layers=2, with_gc=False)
     assert not any("Inductor failed" in x for x in r["reasons"]), r["reasons"]
-    assert r["runs"] == {"mlp": 2, "sequence_parallel": 2, "lm_head": 1}, r["runs"]
+    assert r["runs"] == {"mlp": 2, "attention": 2, "sequence_parallel": 2, "lm_head": 1}, r["runs"]
     assert r["calls"].get("c10d::_reduce_scatter_base_", 0) <= 3, r["calls"]

@@ -122,10 +122,18 @@ def sp_step(setup: str, ids: torch.Tensor, backend):
     return loss.detach(), full_grads(m), calls.count
 
 
+BUILDS_MASK = ("fsdp", "sp_fsdp")  # the causal mask built in the root graph, used in the layers'
+
+
 def main(rank: int, setup: str, port: int, out: str) -> None:
     from torch._dynamo.utils import counters
 
     import mst_fx
+
+    if setup in BUILDS_MASK:
+        # As transformers 5.17 does under compile (the GPU image's), and as any padded batch
+        # gets: the mask is built, not skipped, so it crosses FSDP2's graph breaks.
+        transformers.masking_utils._ignore_causal_mask_sdpa = lambda *a, **k: False
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     if DEVICE == "cuda":
