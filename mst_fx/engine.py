@@ -45,22 +45,27 @@ def detect(gm: GraphModule, config: MSTConfig) -> list[tuple[GraphModule, Report
 
 
 def normalize(gm: GraphModule) -> int:
-    """The value-preserving normalizations detection relies on (passes/graph/normalize.py:
-    a loss the model's code split over tokens, joined back), on ``gm`` and its checkpoint
-    bodies; returns how many were made (also ``counters["mst_fx_graph"]``)."""
+    """The value-preserving normalizations detection relies on, on ``gm`` and its checkpoint
+    bodies: frozen-weight linears written as autograd.Functions opened into a linear
+    (passes/graph/quantized.py), and a loss the model's code split over tokens joined back
+    (passes/graph/normalize.py). Returns how many were made (also
+    ``counters["mst_fx_graph"]``)."""
     from torch._dynamo.utils import counters
 
     from mst_fx.passes.graph.normalize import merge_token_splits
+    from mst_fx.passes.graph.quantized import open_frozen_linears
 
     total = 0
     for mod, _ in graph_modules(gm):
-        merged = merge_token_splits(mod)
-        if merged:
-            mod.graph.lint()
-            mod.recompile()
-            fill_example_values(mod)
-            counters["mst_fx_graph"]["merged_token_splits"] += merged
-            total += merged
+        for name, fn in (("opened_frozen_linears", open_frozen_linears),
+                         ("merged_token_splits", merge_token_splits)):
+            made = fn(mod)
+            if made:
+                mod.graph.lint()
+                mod.recompile()
+                fill_example_values(mod)
+                counters["mst_fx_graph"][name] += made
+                total += made
     return total
 
 

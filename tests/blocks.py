@@ -96,13 +96,53 @@ def gelu_tanh(x):
     return F.gelu(x, approximate="tanh")
 
 
+class NF4Linear(nn.Module):
+    """A frozen linear whose weight is stored as torchao's NF4 tensor (4-bit NormalFloat,
+    per-block scales), applied as torchtune's QLoRA base layer applies it: ``linear_nf4``,
+    an autograd.Function that dequantizes in forward and again in backward."""
+
+    def __init__(self, fan_in, fan_out, bias=False):
+        super().__init__()
+        from torchao.quantization import to_nf4
+
+        w = torch.randn(fan_out, fan_in) / fan_in**0.5
+        self.weight = nn.Parameter(to_nf4(w), requires_grad=False)
+        self.bias = nn.Parameter(torch.randn(fan_out) * 0.1) if bias else None
+
+    def forward(self, x):
+        from torchao.quantization.quantize_.workflows.nf4.nf4_tensor import linear_nf4
+
+        out = linear_nf4(x, self.weight)
+        return out + self.bias if self.bias is not None else out
+
+
+def to_qlora(model: nn.Module, under: str, rank: int = 4) -> nn.Module:
+    """Replace every nn.Linear below the submodule ``under`` by a LoRALinear on a 4-bit NF4
+    base quantized from its weight (torchtune's QLoRA recipe: all linears of the decoder
+    layers; the embedding and the head stay as they are)."""
+    root = model.get_submodule(under)
+    for name, lin in list(root.named_modules()):
+        if not isinstance(lin, nn.Linear):
+            continue
+        from torchao.quantization import to_nf4
+
+        q = LoRALinear(lin.in_features, lin.out_features, rank=rank, nf4=True)
+        q.base.weight = nn.Parameter(to_nf4(lin.weight.detach()), requires_grad=False)
+        parent, _, attr = name.rpartition(".")
+        setattr(root.get_submodule(parent) if parent else root, attr, q)
+    return model
+
+
 class LoRALinear(nn.Module):
     """A linear with low-rank adapters added the way PEFT's LoRA layer writes it:
-    ``base(x) + B(A(dropout(x.to(A's dtype)))) * scaling`` per adapter, then a cast back."""
+    ``base(x) + B(A(dropout(x.to(A's dtype)))) * scaling`` per adapter, then a cast back.
+    ``nf4``: the frozen base is an NF4Linear (QLoRA)."""
 
-    def __init__(self, fan_in, fan_out, rank=4, adapters=1, dropout=0.0, bias=False):
+    def __init__(self, fan_in, fan_out, rank=4, adapters=1, dropout=0.0, bias=False, nf4=False):
         super().__init__()
-        self.base = nn.Linear(fan_in, fan_out, bias=bias)
+        self.base = NF4Linear(fan_in, fan_out, bias) if nf4 else nn.Linear(fan_in, fan_out, bias=bias)
+        if self.base.bias is not None and nf4:
+            self.base.bias.requires_grad_(False)
         self.base.weight.requires_grad_(False)  # frozen, as in LoRA fine-tuning
         self.A = nn.ModuleList(nn.Linear(fan_in, rank, bias=False) for _ in range(adapters))
         self.B = nn.ModuleList(nn.Linear(rank, fan_out, bias=False) for _ in range(adapters))
