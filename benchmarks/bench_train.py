@@ -33,6 +33,9 @@ the same inputs. Per method: the longest sequence that fits in --capacity-gb, fr
 through its two longest runs (peak vs tokens); --check runs one method at that length
 (warm-up and one timed step).
 
+--qlora R runs every method on a QLoRA model: each decoder linear a frozen 4-bit NF4 base
+(torchao, as torchtune's QLoRA writes it) with a rank-R adapter, everything else frozen.
+
 --varying N is what a real run gets instead: one process, torch.compile's default
 dynamic=None, N steps whose lengths are drawn uniformly (seeded, multiples of 256) between
 the smallest and largest --tokens, the largest last. The first length compiles a static
@@ -48,6 +51,8 @@ length, one line per method) under --out; --plot CSV... redraws both from earlie
     python benchmarks/bench_train.py --methods mst_gc --tokens 131072 262144 --check mst_gc
     python benchmarks/bench_train.py --plot a/results_train_llama-3.2-1b.csv b/results_train_llama-3.2-1b.csv
     python benchmarks/bench_train.py --methods mst_gc liger_gc --tokens 8192 65536 --varying 12
+    python benchmarks/bench_train.py --preset llama-3-8b --qlora 16 --methods compile_gc liger_gc mst_gc \
+        --tokens 32768 65536
     python benchmarks/bench_train.py --quick       # CPU, tiny model, eager kernels: checks the script
 """
 
@@ -69,6 +74,7 @@ from common import (
     run_rows,
     script_cmd,
     time_and_peak,
+    to_qlora,
     write_csv,
 )
 
@@ -82,14 +88,15 @@ FIELDS = ["method", "tokens", "ms", "tokens_per_s", "peak_gb", "loss", "loss_dif
           "note", "kind", "step", "graphs"]
 
 
-def build(preset: str, method: str, device: str, layers: int | None):
+def build(preset: str, method: str, device: str, layers: int | None, qlora: int = 0):
     family, dims = PRESETS[preset]
     dims = dict(dims, num_hidden_layers=layers) if layers else dims
     if method == "liger_gc":
         import liger_kernel.transformers as liger
 
         getattr(liger, f"apply_liger_kernel_to_{family}")()  # patches the classes: before building
-    return build_model(dims, device, family, checkpointing=method not in ("eager", "mst"))
+    model = build_model(dims, device, family, checkpointing=method not in ("eager", "mst"))
+    return to_qlora(model, qlora) if qlora else model
 
 
 def loss_fn(model, method: str, quick: bool, logits: str = "drop", mst: dict | None = None):
@@ -176,13 +183,13 @@ def measured(tokens: int, ms: float, peak: int, losses: list[float]) -> dict:
 
 
 def run_method(method: str, preset: str, lengths: list[int], iters: int, adamw: bool, quick: bool,
-               layers: int | None, logits: str = "drop", mst: dict | None = None) -> None:
+               layers: int | None, logits: str = "drop", mst: dict | None = None, qlora: int = 0) -> None:
     """Child process: one ``RESULT {json}`` line per length; stops after an OOM."""
     device = "cpu" if quick else "cuda"
     torch._dynamo.config.automatic_dynamic_shapes = False  # every length its own static graph
-    model = build(preset, method, device, layers)
+    model = build(preset, method, device, layers, qlora)
     vocab = model.config.vocab_size
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-5) if adamw else None
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5) if adamw else None
     for tokens in sorted(lengths):
         torch._dynamo.reset()
         f, backend = loss_fn(model, method, quick, logits, mst)
@@ -361,6 +368,8 @@ def main() -> None:
     p.add_argument("--out", default=os.environ.get("OUT", "."))
     p.add_argument("--varying", type=int, metavar="N",
                    help="N steps of lengths between the smallest and largest --tokens in one process")
+    p.add_argument("--qlora", type=int, default=0, metavar="R",
+                   help="QLoRA: every decoder linear a frozen 4-bit NF4 base (torchao) with a rank-R adapter")
     p.add_argument("--quick", action="store_true", help="CPU, tiny model, 128 and 256 tokens, 1 step")
     p.add_argument("--plot", nargs="+", metavar="CSV", help="table and plot from earlier runs' CSVs")
     p.add_argument("--one", metavar="METHOD", help=argparse.SUPPRESS)
@@ -370,7 +379,7 @@ def main() -> None:
         args.tokens, args.iters = [128, 256], 1
     title = f"{preset}{f' ({args.layers} layers)' if args.layers else ''}, {'fp32, CPU' if args.quick else 'bf16'}, " \
             f"batch 1, fwd+bwd" \
-            + (" + AdamW" if args.adamw else "")
+            + (" + AdamW" if args.adamw else "") + (f", QLoRA r={args.qlora}" if args.qlora else "")
     if args.plot:
         report(read_csv(args.plot), args.out, preset, args.capacity_gb, title)
         return
@@ -380,7 +389,7 @@ def main() -> None:
     if args.one:
         mst = mst_fields(args.mst)
         run_method(args.one, preset, args.tokens, args.iters, args.adamw, args.quick, args.layers,
-                   args.mst_logits, mst)
+                   args.mst_logits, mst, args.qlora)
         return
 
     def child(method: str, tokens: list[int], iters: int = args.iters, varying: bool = False) -> list[dict]:
@@ -388,7 +397,7 @@ def main() -> None:
                          *(["--quick"] if args.quick else []), *(["--varying", 1] if varying else []),
                          *(["--adamw"] if args.adamw else []), *(["--layers", args.layers] if args.layers else []),
                          *(["--preset", args.preset] if not args.quick else []), "--mst-logits", args.mst_logits,
-                         *(["--mst", *args.mst] if args.mst else []))
+                         *(["--mst", *args.mst] if args.mst else []), *(["--qlora", args.qlora] if args.qlora else []))
         got, error = run_rows(cmd)
         done = {r["tokens"] for r in got}
         missing = [t for t in (tokens if varying else sorted(tokens)) if t not in done]

@@ -64,6 +64,44 @@ def build_model(dims: dict, device: str, family: str = "llama", checkpointing: b
     return model.train()
 
 
+class QLoRALinear(torch.nn.Module):
+    """torchtune's QLoRA layer: a frozen 4-bit NF4 base (torchao's ``linear_nf4``) plus a
+    rank-``rank`` adapter in the base's compute dtype, ``B`` starting at zero, scaled 2."""
+
+    def __init__(self, linear: torch.nn.Linear, rank: int):
+        super().__init__()
+        from torchao.quantization import to_nf4
+
+        blocks = linear.weight.numel() // 64  # torchao's defaults, 64 x 256; smaller scale blocks for tiny models
+        scaler = next(b for b in (256, 128, 64, 32, 16, 8, 4, 2, 1) if blocks % b == 0)
+        self.weight = torch.nn.Parameter(to_nf4(linear.weight.detach(), 64, scaler), requires_grad=False)
+        w = linear.weight
+        self.lora_a = torch.nn.Linear(linear.in_features, rank, bias=False, device=w.device, dtype=w.dtype)
+        self.lora_b = torch.nn.Linear(rank, linear.out_features, bias=False, device=w.device, dtype=w.dtype)
+        torch.nn.init.zeros_(self.lora_b.weight)
+
+    def forward(self, x):
+        from torchao.quantization.quantize_.workflows.nf4.nf4_tensor import linear_nf4
+
+        return linear_nf4(x, self.weight) + self.lora_b(self.lora_a(x)) * 2.0
+
+
+def to_qlora(model, rank: int):
+    """Every linear of the decoder layers a QLoRALinear; everything else frozen (QLoRA)."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    layers = model.model.layers
+    for name, lin in list(layers.named_modules()):
+        if isinstance(lin, torch.nn.Linear):
+            parent, _, attr = name.rpartition(".")
+            setattr(layers.get_submodule(parent), attr, QLoRALinear(lin, rank))
+    if getattr(model, "is_gradient_checkpointing", False):
+        model.enable_input_require_grads()  # checkpointed layers need an input that requires grad
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return model
+
+
 def inputs(tokens: int, docs: int, vocab: int, device: str, seed: int = 1) -> dict:
     """A training batch of one sequence: ``tokens`` random ids (a CPU generator seeded with
     ``seed``), labels = ids; ``docs`` > 1 packs that many equal documents through
